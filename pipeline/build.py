@@ -1,0 +1,400 @@
+"""The batched build loop behind `irepa-cache build`.
+
+Decodes every source image once (DataLoader workers, ADM center crop), runs the VAE and every
+requested encoder on the same batch, and hands whole shards to `stores.StoreWriter`, which writes
+them atomically. Batches never straddle a shard, so a shard's bytes do not depend on which shards
+were already done: a build that is killed and rerun ends byte-identical to one that was not.
+Under `torchrun` each rank takes the shards `s % world_size == rank`; rank 0 creates the store
+before the others open it and writes the final manifest after every rank has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from stores import StoreError, StoreLayout, StoreWriter, open_store
+
+from .encoders import Encoder, load_encoder
+from .sources import default_sample_source, open_source
+from .transforms import DecodeDataset
+from .vae import VaeEncoder, load_vae
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_ENCODER = "dinov2-vit-b"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+
+def split_names(value: str | Sequence[str] | None) -> list[str]:
+    """Accept "a,b", ("a", "b") or None (fire passes either) and return a clean list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = [str(v) for v in value]
+    return [v.strip() for v in items if v.strip()]
+
+
+def parse_weights(weights: str | Sequence[str] | dict | None, encoders: list[str]) -> dict[str, str]:
+    """`--weights PATH` (one encoder) or `--weights name=PATH,name2=PATH2` -> {encoder: path}."""
+    if not weights:
+        return {}
+    if isinstance(weights, dict):
+        return {str(k): str(v) for k, v in weights.items()}
+    out: dict[str, str] = {}
+    for item in split_names(weights):
+        if "=" in item:
+            name, path = item.split("=", 1)
+            out[name.strip()] = path.strip()
+        elif len(encoders) == 1:
+            out[encoders[0]] = item
+        else:
+            raise ValueError(
+                f"--weights {item!r} is ambiguous with {len(encoders)} encoders; "
+                "write --weights name=PATH,name2=PATH2"
+            )
+    unknown = sorted(set(out) - set(encoders))
+    if unknown:
+        raise ValueError(f"--weights names {unknown} that are not among --encoder {encoders}")
+    return out
+
+
+def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row batches that never cross a shard boundary, in shard order."""
+    batches: list[list[int]] = []
+    for shard in shards:
+        rows = list(writer.shard_rows(shard))
+        batches.extend(rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    return batches
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ShardAccumulator:
+    """Collects per-row model outputs until a shard is complete, then hands it to the writer."""
+
+    def __init__(self, writer: StoreWriter, array_shapes: dict[str, tuple[int, ...]]):
+        self.writer = writer
+        self.array_shapes = array_shapes
+        self.current: int | None = None
+        self.rows: range = range(0)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.skipped: list[tuple[int, str]] = []
+        self.filled = 0
+
+    def _start(self, shard: int) -> None:
+        self.current = shard
+        self.rows = self.writer.shard_rows(shard)
+        n = len(self.rows)
+        self.arrays = {k: np.zeros((n, *s), dtype=np.float32) for k, s in self.array_shapes.items()}
+        self.skipped = []
+        self.filled = 0
+
+    def add(
+        self,
+        shard: int,
+        rows: Sequence[int],
+        ok: np.ndarray,
+        outputs: dict[str, np.ndarray],
+        skipped: list[tuple[int, str]],
+    ) -> bool:
+        """Add one batch (outputs hold only the `ok` rows); return True when the shard was written."""
+        if self.current != shard:
+            if self.current is not None and self.filled:
+                raise RuntimeError(f"shard {self.current} left incomplete before shard {shard} started")
+            self._start(shard)
+        ok_offsets = np.asarray(rows, dtype=np.int64)[ok] - self.rows.start
+        for name, values in outputs.items():
+            self.arrays[name][ok_offsets] = values
+        self.skipped.extend(skipped)
+        self.filled += len(rows)
+        if self.filled == len(self.rows):
+            self.writer.write_shard(shard, self.arrays, sorted(self.skipped))
+            self.current = None
+            self.arrays = {}
+            return True
+        return False
+
+
+def _encode_batch(
+    images: torch.Tensor,
+    vae: VaeEncoder | None,
+    encoders: dict[str, Encoder],
+    device: torch.device,
+    with_cls: bool,
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+    """Run the VAE and every encoder on one uint8 batch; float32 numpy arrays keyed by store name."""
+    out: dict[str, np.ndarray] = {}
+    images = images.to(device, non_blocking=True)
+    with torch.inference_mode(), _autocast(device):
+        if vae is not None:
+            mean, std = vae.encode(images)
+            out[prefix + "latents"] = torch.cat([mean, std], dim=1).float().cpu().numpy()
+        for name, enc in encoders.items():
+            tokens, cls = enc(images)
+            out[f"{prefix}features/{name}"] = tokens.float().cpu().numpy()
+            if with_cls:
+                if cls is None:
+                    raise ValueError(f"encoder {name!r} has no CLS token; drop --cls")
+                out[f"{prefix}cls/{name}"] = cls.float().cpu().numpy()
+    return out
+
+
+def _check_latents_from(path: str, fingerprint: str, resolution: int, flip: bool) -> dict:
+    """Open the store whose latents we reuse and check it describes the same data and crop."""
+    try:
+        other = open_store(path)
+    except StoreError as err:
+        raise StoreError(f"--latents-from {path}: {err}") from err
+    theirs = other.manifest["dataset"]["fingerprint"]
+    if theirs != fingerprint:
+        raise StoreError(
+            f"--latents-from {path}: dataset fingerprint {theirs} differs from this build's "
+            f"{fingerprint}; the latents must come from a build over the same ordered samples"
+        )
+    their_res = other.manifest["image"]["resolution"]
+    if their_res != resolution:
+        raise StoreError(
+            f"--latents-from {path}: resolution {their_res} px differs from this build's {resolution} px"
+        )
+    if flip and not other.has_flip:
+        raise StoreError(f"--latents-from {path}: this build asks for --flip but that store has no flipped latents")
+    if other.manifest.get("latents_from"):
+        raise StoreError(f"--latents-from {path}: that store borrows its latents too; point at the store that holds them")
+    return other.manifest
+
+
+def build_store(
+    data: str | None = None,
+    out: str = "stores/demo",
+    encoder: str | Sequence[str] | None = None,
+    vae: str | None = None,
+    resolution: int = 256,
+    encoder_config: str | None = None,
+    weights: str | Sequence[str] | None = None,
+    pretrained: bool = True,
+    latents_from: str | None = None,
+    flip: bool = False,
+    feature_dtype: str = "float16",
+    latent_dtype: str = "float32",
+    cls: bool = False,
+    format: str = "zarr",
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    resume: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or finish) a store; returns its path. See `pipeline.cli.build` for the flags."""
+    dist = DistInfo.from_env()
+    demo = data is None
+    source = default_sample_source() if demo else open_source(data)
+    encoder_names = split_names(encoder) or [DEFAULT_ENCODER]
+    if demo:
+        vae = vae or "tiny"
+        encoder_config = encoder_config or "tiny"
+        if shard_size == 1024:
+            shard_size = 4
+    vae_name = vae or DEFAULT_VAE
+    feature_dtype = {"fp16": "float16", "half": "float16"}.get(feature_dtype, feature_dtype)
+    latent_dtype = {"fp32": "float32", "fp16": "float16"}.get(latent_dtype, latent_dtype)
+    if format not in ("zarr", "wds"):
+        raise ValueError(f"--format must be zarr or wds, not {format!r}")
+    if feature_dtype not in ("float16", "int8"):
+        raise ValueError(f"--feature-dtype must be float16 or int8, not {feature_dtype!r}")
+    if resolution % 16:
+        raise ValueError(f"--resolution {resolution} is not a multiple of 16")
+
+    if device is None:
+        device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+
+    from stores import dataset_fingerprint
+
+    fingerprint = dataset_fingerprint(source.keys)
+    borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
+
+    weight_paths = parse_weights(weights, encoder_names)
+    encoders = {
+        name: load_encoder(
+            name,
+            resolution=resolution,
+            pretrained=pretrained and name not in weight_paths and encoder_config is None,
+            weights=weight_paths.get(name),
+            config=encoder_config,
+        )
+        .eval()
+        .to(dev)
+        for name in encoder_names
+    }
+    vae_model = None if borrowed else load_vae(vae_name).eval().to(dev)
+
+    if borrowed:
+        vae_info = dict(borrowed["vae"])
+        lat_c2, lat_h, lat_w = borrowed["arrays"]["latents"]["shape"][1:]
+    else:
+        down = vae_model.downsample
+        vae_info = {
+            "id": vae_model.id,
+            "latent_channels": vae_model.latent_channels,
+            "scaling_factor": vae_model.scaling_factor,
+            "shift_factor": vae_model.shift_factor,
+            "weights_sha256": vae_model.weights_sha256(),
+        }
+        lat_c2, lat_h, lat_w = 2 * vae_model.latent_channels, resolution // down, resolution // down
+
+    grids = {name: tuple(enc.token_grid) for name, enc in encoders.items()}
+    layout = StoreLayout(
+        num_rows=len(source),
+        shard_size=shard_size,
+        latent_channels2=lat_c2,
+        latent_hw=(lat_h, lat_w),
+        encoders={name: (grids[name][0] * grids[name][1], enc.dim) for name, enc in encoders.items()},
+        feature_dtype=feature_dtype,
+        latent_dtype=latent_dtype,
+        with_cls=cls,
+        flip=flip,
+        write_latents=borrowed is None,
+    )
+    info = {
+        "dataset": {
+            **source.describe(),
+            "source": str(Path(data).resolve()) if data is not None else str(getattr(source, "root", "")),
+            "class_names": list(source.class_names),
+            "fingerprint": fingerprint,
+        },
+        "image": {"resolution": resolution, "crop": "adm"},
+        "vae": vae_info,
+        "latents_from": (
+            {"path": str(Path(latents_from).resolve()), "fingerprint": fingerprint} if borrowed else None
+        ),
+        "encoders": {
+            name: {
+                "timm_id": enc.timm_id,
+                "weights_sha256": enc.weights_sha256(),
+                "token_grid": list(grids[name]),
+                "dim": enc.dim,
+                "input_size": enc.input_size,
+                "config": encoder_config or "pretrained",
+                "cls": cls,
+            }
+            for name, enc in encoders.items()
+        },
+        "build_args": {
+            "data": data if data is not None else "<bundled sample images>",
+            "encoder": encoder_names,
+            "vae": vae_name,
+            "resolution": resolution,
+            "encoder_config": encoder_config,
+            "latents_from": latents_from,
+            "flip": flip,
+            "feature_dtype": feature_dtype,
+            "latent_dtype": latent_dtype,
+            "cls": cls,
+            "format": format,
+            "shard_size": shard_size,
+            "batch_size": batch_size,
+        },
+    }
+
+    writer = _open_writer_all_ranks(out, format, layout, source, info, resume, dist)
+    mine = [s for s in writer.pending_shards() if s % dist.world_size == dist.rank]
+    batches = shard_batches(writer, mine, batch_size)
+
+    array_shapes: dict[str, tuple[int, ...]] = {}
+    for prefix in ("", "flip/") if flip else ("",):
+        if borrowed is None:
+            array_shapes[prefix + "latents"] = (lat_c2, lat_h, lat_w)
+        for name, (tokens, dim) in layout.encoders.items():
+            array_shapes[f"{prefix}features/{name}"] = (tokens, dim)
+            if cls:
+                array_shapes[f"{prefix}cls/{name}"] = (dim,)
+    acc = ShardAccumulator(writer, array_shapes)
+
+    loader = DataLoader(
+        DecodeDataset(source, resolution),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+    )
+    total_rows = sum(len(b) for b in batches)
+    bar = tqdm(
+        total=total_rows,
+        unit="img",
+        desc=f"build {Path(out).name}" + (f" [rank {dist.rank}]" if dist.world_size > 1 else ""),
+        disable=not progress,
+        position=dist.rank,
+    )
+    for batch, rows in zip(loader, batches):
+        shard = rows[0] // writer.layout.shard_size
+        ok = batch["ok"].numpy().astype(bool)
+        skipped = [(int(r), str(reason)) for r, good, reason in zip(rows, ok, batch["reason"]) if not good]
+        outputs: dict[str, np.ndarray] = {}
+        if ok.any():
+            good_images = batch["image"][torch.from_numpy(ok)]
+            outputs = _encode_batch(good_images, vae_model, encoders, dev, cls)
+            if flip:
+                outputs.update(
+                    _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, cls, prefix="flip/")
+                )
+        acc.add(shard, rows, ok, outputs, skipped)
+        bar.update(len(rows))
+    bar.close()
+
+    _barrier(dist)
+    if dist.rank == 0:
+        writer.finalize()
+    _barrier(dist)
+    return Path(out)
+
+
+def _barrier(dist: DistInfo) -> None:
+    if dist.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: DistInfo) -> StoreWriter:
+    """Rank 0 creates (or resumes) the store first; other ranks then open it to write their shards."""
+    if dist.world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    writer = None
+    if dist.rank == 0:
+        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume)
+    _barrier(dist)
+    if dist.rank != 0:
+        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True)
+    return writer

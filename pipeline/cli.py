@@ -1,0 +1,132 @@
+"""`irepa-cache`: build, inspect, verify and measure feature/latent stores (a fire CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import fire
+
+
+def build(
+    data: str | None = None,
+    out: str = "stores/demo",
+    encoder: str | Sequence[str] | None = None,
+    vae: str | None = None,
+    resolution: int = 256,
+    encoder_config: str | None = None,
+    weights: str | Sequence[str] | None = None,
+    latents_from: str | None = None,
+    flip: bool = False,
+    feature_dtype: str = "float16",
+    latent_dtype: str = "float32",
+    cls: bool = False,
+    format: str = "zarr",
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    resume: bool = True,
+    device: str | None = None,
+) -> None:
+    """Run the VAE and vision encoder(s) over a dataset once and write a store.
+
+    With no --data, builds the embedded demo: the bundled sample photos, a tiny random VAE and a
+    tiny random DINOv2-B-shaped encoder, into stores/demo.
+
+    Args:
+        data: ImageFolder root, webdataset tar shards ("train-{000000..000146}.tar"), or a .txt file list.
+        out: store directory (default stores/demo).
+        encoder: registry name(s) or raw timm ids, comma separated (default dinov2-vit-b); all are run
+            on the same decoded batch.
+        vae: diffusers AutoencoderKL hub id or local folder (default stabilityai/sd-vae-ft-ema), or "tiny".
+        resolution: ADM center-crop size, 256 or 512.
+        encoder_config: "tiny" for a reduced random-initialised encoder (tests, demos).
+        weights: local encoder checkpoint (safetensors or state dict): PATH, or name=PATH,name2=PATH2.
+        latents_from: reuse this store's VAE latents (same dataset and resolution); run only the encoders.
+        flip: also store the horizontally flipped view.
+        feature_dtype: float16 (default) or int8 (per-token scale, half the bytes).
+        latent_dtype: float32 (default) or float16 for the posterior mean and std.
+        cls: also store each encoder's CLS token.
+        format: zarr (default, random access) or wds (webdataset tar shards, streaming).
+        shard_size: samples per shard file.
+        batch_size: images per forward pass.
+        num_workers: image-decoding DataLoader workers.
+        resume: finish an interrupted build in place (default); --noresume refuses an existing store.
+        device: torch device (default cuda:LOCAL_RANK when available, else cpu).
+    """
+    from .build import build_store
+    from stores import describe_store, format_description
+
+    path = build_store(
+        data=data,
+        out=out,
+        encoder=encoder,
+        vae=vae,
+        resolution=resolution,
+        encoder_config=encoder_config,
+        weights=weights,
+        latents_from=latents_from,
+        flip=flip,
+        feature_dtype=feature_dtype,
+        latent_dtype=latent_dtype,
+        cls=cls,
+        format=format,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        resume=resume,
+        device=device,
+    )
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"store written: {path.resolve()}")
+        print(format_description(describe_store(path)))
+
+
+def inspect(store: str, json_out: bool = False) -> None:
+    """Print what a store holds: counts, arrays, bytes on disk and per sample, skipped inputs, provenance."""
+    from stores import describe_store, format_description
+
+    info = describe_store(store)
+    print(json.dumps(info, indent=2) if json_out else format_description(info))
+
+
+def verify(store: str) -> None:
+    """Recompute every shard checksum; exit 1 naming each bad shard, or if the store is unfinished."""
+    from stores import verify_store
+
+    report = verify_store(store)
+    print(report.format() if hasattr(report, "format") else report)
+    if not report.ok:
+        sys.exit(1)
+
+
+def metrics(*stores: str, limit: int = 4096, out: str = "metrics", fid: str | None = None,
+            masks: str | None = None, gamma: float = 1.0, seed: int = 0, device: str | None = None) -> None:
+    """Spatial-structure metrics (LDS, CDS, RMSC, SRSS) of each store's encoder features.
+
+    Args:
+        stores: one or more store directories.
+        limit: images sampled per store (fixed seed).
+        out: folder for metrics.json and metrics.png.
+        fid: optional table encoder -> FID (JSON or CSV/TSV) to correlate each metric with FID.
+        masks: optional foreground masks for SRSS.
+        gamma: spatial-normalisation gamma for the normalised variant.
+    """
+    from .metrics_report import run_metrics
+
+    if not stores:
+        raise fire.core.FireError("name at least one store: irepa-cache metrics stores/NAME [...]")
+    run_metrics(list(stores), limit=limit, out=out, fid=fid, masks=masks, gamma=gamma, seed=seed, device=device)
+
+
+COMMANDS = {"build": build, "inspect": inspect, "verify": verify, "metrics": metrics}
+
+
+def main() -> None:
+    fire.Fire(COMMANDS, name="irepa-cache")
+
+
+if __name__ == "__main__":
+    main()
