@@ -263,6 +263,8 @@ def build_store(
     vae_model = None if borrowed else load_vae(vae_name).eval().to(dev)
 
     if borrowed:
+        # rows must line up shard for shard with the store that holds the latents
+        shard_size = int(borrowed["shard_size"])
         vae_info = dict(borrowed["vae"])
         lat_c2, lat_h, lat_w = borrowed["arrays"]["latents"]["shape"][1:]
     else:

@@ -50,7 +50,7 @@ def build(
         latent_dtype: float32 (default) or float16 for the posterior mean and std.
         cls: also store each encoder's CLS token.
         format: zarr (default, random access) or wds (webdataset tar shards, streaming).
-        shard_size: samples per shard file.
+        shard_size: samples per shard file (with --latents-from: that store's).
         batch_size: images per forward pass.
         num_workers: image-decoding DataLoader workers.
         resume: finish an interrupted build in place (default); --noresume refuses an existing store.

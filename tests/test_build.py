@@ -250,8 +250,9 @@ def test_latents_from_checks_fingerprint(image_tree, zarr_store, tmp_path):
 
     # same data: only the encoder runs, latents are read from the other store
     out = tmp_path / "borrow"
-    build_store(data=str(image_tree), out=str(out), encoder="siglip-vit-b", shard_size=3, batch_size=3,
+    build_store(data=str(image_tree), out=str(out), encoder="siglip-vit-b", shard_size=5, batch_size=3,
                 latents_from=str(zarr_store), **TINY)
+    assert open_store(out).manifest["shard_size"] == 3  # taken from the store that holds the latents
     assert not (out / "latents").exists()
     mine, theirs_store = open_store(out), open_store(zarr_store)
     np.testing.assert_array_equal(mine.get_batch([1, 4])["latents"], theirs_store.get_batch([1, 4])["latents"])

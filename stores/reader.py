@@ -1,0 +1,482 @@
+"""StoreReader: one reading interface over zarr and webdataset stores.
+
+Sample index i in [0, len(store)) is the i-th valid row (skipped inputs excluded). Features come
+back as float32 (int8 stores are dequantised), latents as float32 [2C, h, w]. A store built with
+`--latents-from` reads its latents from the store its manifest points at, after checking that
+store's dataset fingerprint, row count and resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import wds_backend
+from .errors import StoreError
+from .layout import dequantize_int8
+from .manifest import MANIFEST_NAME, read_manifest, read_shard_records, shard_range
+from .zarr_backend import ZarrArrays
+
+
+def open_store(path: str | os.PathLike, verify_checksums: bool = False, allow_incomplete: bool = False,
+               latents_from: str | os.PathLike | None = None) -> "StoreReader":
+    """Open a store for reading.
+
+    verify_checksums recomputes every file's sha256 first (slow on big stores).
+    allow_incomplete opens an unfinished build (for `inspect`): only finished shards are visible.
+    latents_from overrides where the latents store of a `--latents-from` store lives.
+    """
+    path = Path(path)
+    if verify_checksums:
+        from .report import verify_store
+
+        rep = verify_store(path)
+        if not rep.ok:
+            raise StoreError(rep.format())
+    return StoreReader(path, allow_incomplete=allow_incomplete, latents_from=latents_from)
+
+
+class StoreReader:
+    """Read access to a store; see docs/ARCHITECTURE.md for the contract."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False,
+                 latents_from: str | os.PathLike | None = None):
+        self.path = Path(path)
+        m = read_manifest(self.path)
+        self.manifest = m
+        self.format: str = m["format"]
+        self.complete = m["state"] == "complete"
+        ns = m["num_shards"]
+        if self.complete:
+            done = set(range(ns))
+            skipped = [s["row"] for s in m["skipped"]]
+        else:
+            records = read_shard_records(self.path, ns)
+            if not allow_incomplete:
+                raise StoreError(
+                    f"store {self.path}: the build is unfinished (state 'building', {len(records)} of {ns} "
+                    "shards done); rerun the same build command to resume it, then read the store"
+                )
+            done = set(records)
+            skipped = [s["row"] for r in records.values() for s in r["skipped"]]
+        self._done_shards = done
+        valid = np.zeros(m["num_rows"], dtype=bool)
+        for s in sorted(done):
+            r = shard_range(s, m["num_rows"], m["shard_size"])
+            valid[r.start:r.stop] = True
+        valid[np.asarray(skipped, dtype=np.int64)] = False
+        self._valid = valid
+        self._rows = np.flatnonzero(valid).astype(np.int64)
+
+        enc = m["encoders"]
+        self.encoders: list[str] = list(enc)
+        self.feature_dims: dict[str, int] = {n: int(e["dim"]) for n, e in enc.items()}
+        self.token_grids: dict[str, tuple[int, int]] = {n: tuple(e["token_grid"]) for n, e in enc.items()}
+        self.token_grid: tuple[int, int] | None = self.token_grids[self.encoders[0]] if self.encoders else None
+        self.feature_dtype: str | None = enc[self.encoders[0]]["feature_dtype"] if self.encoders else None
+        self.with_cls: bool = any(bool(e.get("cls")) for e in enc.values())
+        self.num_shards: int = ns
+        self._members = {n: e["member"] for n, e in enc.items()}
+        self._za = ZarrArrays(self.path) if self.format == "zarr" else None
+        self._labels: np.ndarray | None = None
+        self._keys: np.ndarray | None = None
+        self._tar_index: tuple[int, dict[str, tuple[int, int]]] | None = None
+
+        # where the latents live
+        self._latent_source: StoreReader | None = None
+        if m["latents_from"] is not None:
+            self._latent_source = self._open_latent_source(latents_from)
+            self.latent_shape = self._latent_source.latent_shape
+            self.has_flip = bool(m["flip"])
+        else:
+            if "latents" not in m["arrays"]:
+                raise StoreError(f"store {self.path}: manifest lists no 'latents' array and no latents_from")
+            self.latent_shape: tuple[int, int, int] = tuple(m["arrays"]["latents"]["shape"][1:])
+            self.has_flip: bool = bool(m["flip"])
+
+    # ------------------------------------------------------------------ latents_from
+
+    def _open_latent_source(self, override: str | os.PathLike | None) -> "StoreReader":
+        lf = self.manifest["latents_from"]
+        src = Path(override) if override is not None else self.path / lf["path"]
+        if not (src / MANIFEST_NAME).exists():
+            raise StoreError(
+                f"store {self.path}: its latents live in store {src} (latents_from {lf['path']!r}), "
+                "which does not exist or has no manifest; pass latents_from=<path> if it moved"
+            )
+        source = StoreReader(src)
+        sm = source.manifest
+        got = sm["dataset"]["fingerprint"]
+        if got != lf["fingerprint"]:
+            raise StoreError(
+                f"store {self.path}: latents_from store {src} has dataset fingerprint {got}, but this "
+                f"store expects {lf['fingerprint']}; they were built from different inputs"
+            )
+        mine = self.manifest["dataset"]["fingerprint"]
+        if got != mine:
+            raise StoreError(f"store {self.path}: dataset fingerprint {mine} != latents store {src} fingerprint {got}")
+        if sm["num_rows"] != self.manifest["num_rows"] or sm["shard_size"] != self.manifest["shard_size"]:
+            raise StoreError(
+                f"store {self.path}: latents store {src} has {sm['num_rows']} rows / shard size "
+                f"{sm['shard_size']}, this store {self.manifest['num_rows']} / {self.manifest['shard_size']}"
+            )
+        r1, r2 = sm["image"].get("resolution"), self.manifest["image"].get("resolution")
+        if r1 is not None and r2 is not None and r1 != r2:
+            raise StoreError(f"store {self.path}: resolution {r2} != latents store {src} resolution {r1}")
+        lacking = self._valid & ~source._valid
+        if lacking.any():
+            rows = np.flatnonzero(lacking)[:5].tolist()
+            raise StoreError(f"store {self.path}: rows {rows} are valid here but skipped in latents store {src}")
+        if self.manifest["flip"] and not source.has_flip:
+            raise StoreError(f"store {self.path}: has flipped features but latents store {src} has no flipped latents")
+        return source
+
+    # ------------------------------------------------------------------ basics
+
+    def __len__(self) -> int:
+        return int(len(self._rows))
+
+    def __repr__(self) -> str:
+        return (f"StoreReader({str(self.path)!r}, format={self.format}, samples={len(self)}, "
+                f"encoders={self.encoders}, flip={self.has_flip})")
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Store row of every sample index."""
+        return self._rows
+
+    @property
+    def latent_stats(self) -> dict | None:
+        return self.manifest.get("latent_stats")
+
+    def row_to_index(self, row: int) -> int:
+        """Sample index of a valid row."""
+        i = int(np.searchsorted(self._rows, row))
+        if i >= len(self._rows) or self._rows[i] != row:
+            raise StoreError(f"store {self.path}: row {row} is skipped or not finished")
+        return i
+
+    def shard_sample_counts(self) -> list[int]:
+        """Valid samples per shard (0 for unfinished shards of an incomplete store)."""
+        m = self.manifest
+        bounds = np.arange(0, m["num_shards"] + 1) * m["shard_size"]
+        bounds[-1] = m["num_rows"]
+        return np.diff(np.searchsorted(self._rows, bounds)).astype(int).tolist()
+
+    def _need_zarr(self, what: str) -> ZarrArrays:
+        if self._za is None:
+            raise StoreError(
+                f"store {self.path}: {what} needs random access, which the webdataset backend does not "
+                "offer; iterate shards (iter_shard / iter_urls) or build a zarr store"
+            )
+        return self._za
+
+    def _check_indices(self, indices: Any) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        bad = idx[(idx < -n) | (idx >= n)]
+        if bad.size:
+            raise IndexError(f"store {self.path}: sample index {int(bad[0])} out of range for {n} samples")
+        return np.where(idx < 0, idx + n, idx)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 label of every sample (zarr stores)."""
+        if self._labels is None:
+            self._labels = self._need_zarr("labels").all("labels")
+        return self._labels[self._rows]
+
+    def keys(self) -> list[str]:
+        """Source key of every sample (zarr stores)."""
+        return [str(k) for k in self._all_keys()[self._rows]]
+
+    def _all_keys(self) -> np.ndarray:
+        if self._keys is None:
+            self._keys = np.asarray(self._need_zarr("keys").all("keys"), dtype=object)
+        return self._keys
+
+    def _all_labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = self._need_zarr("labels").all("labels")
+        return self._labels
+
+    # ------------------------------------------------------------------ zarr random access
+
+    def _read_view(self, rows: np.ndarray, flip: bool, encoders: Sequence[str], with_latents: bool,
+                   out: dict, sel: np.ndarray | None) -> None:
+        """Fill out[...][sel] (sel None: all) with one read per array of these rows, in order."""
+        pre = "flip/" if flip else ""
+
+        def put(dst: np.ndarray, src: np.ndarray) -> None:
+            if sel is None:
+                dst[...] = src
+            else:
+                dst[sel] = src
+
+        if with_latents:
+            src = self._latent_source._za if self._latent_source is not None else self._za
+            if src is None:
+                raise StoreError(f"store {self.path}: random access to latents needs a zarr latents store")
+            put(out["latents"], _read_rows(src, f"{pre}latents", rows))
+        for enc in encoders:
+            f = _read_rows(self._za, f"{pre}features/{enc}", rows)
+            if f.dtype == np.int8:
+                f = dequantize_int8(f, _read_rows(self._za, f"{pre}feature_scales/{enc}", rows))
+            put(out["features"][enc], f)
+            if self.manifest["encoders"][enc].get("cls"):
+                put(out["cls"][enc], _read_rows(self._za, f"{pre}cls/{enc}", rows))
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray, flip: Sequence[bool] | np.ndarray | None = None,
+                  encoders: Sequence[str] | None = None, with_latents: bool = True,
+                  with_keys: bool = True, features_dtype: Any = np.float32) -> dict:
+        """Samples `indices` as one batch (zarr stores).
+
+        Returns {"index" int64[B], "label" int64[B], "key" list[str], "latents" float32[B, 2C, h, w],
+        "features" {enc: float32[B, T, D]}} (+ "cls" {enc: float32[B, D]} when stored). `flip`
+        (bool[B]) takes the stored flipped view where True. `encoders` limits the features read;
+        `features_dtype=np.float16` skips the CPU upcast (about half the time of a batch) for
+        loaders that convert on the GPU.
+        """
+        self._need_zarr("get_batch")
+        idx = self._check_indices(indices)
+        rows = self._rows[idx]
+        b = len(idx)
+        fl = np.zeros(b, dtype=bool) if flip is None else np.asarray(flip, dtype=bool).reshape(-1)
+        if fl.shape != (b,):
+            raise StoreError(f"store {self.path}: flip has {fl.shape[0]} entries for {b} indices")
+        if fl.any() and not self.has_flip:
+            raise StoreError(f"store {self.path}: flipped views requested but the store was built without flip")
+        encs = list(self.encoders if encoders is None else encoders)
+        for e in encs:
+            if e not in self.feature_dims:
+                raise StoreError(f"store {self.path}: no encoder {e!r}; it has {self.encoders}")
+        t = {e: int(np.prod(self.token_grids[e])) for e in encs}
+        out: dict[str, Any] = {
+            "index": idx,
+            "row": rows,
+            "label": self._all_labels()[rows].astype(np.int64),
+            "key": [str(k) for k in self._all_keys()[rows]] if with_keys else [],
+            "features": {e: np.empty((b, t[e], self.feature_dims[e]), features_dtype) for e in encs},
+        }
+        if with_latents:
+            out["latents"] = np.empty((b, *self.latent_shape), np.float32)
+        cls_encs = [e for e in encs if self.manifest["encoders"][e].get("cls")]
+        if cls_encs:
+            out["cls"] = {e: np.empty((b, self.feature_dims[e]), np.float32) for e in cls_encs}
+        if not fl.any():
+            self._read_view(rows, False, encs, with_latents, out, None)
+        elif fl.all():
+            self._read_view(rows, True, encs, with_latents, out, None)
+        else:
+            self._read_view(rows[~fl], False, encs, with_latents, out, ~fl)
+            self._read_view(rows[fl], True, encs, with_latents, out, fl)
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        """One sample (same keys as get_batch, without the batch dimension)."""
+        if self.format == "zarr":
+            batch = self.get_batch([i])
+            return _unbatch(batch)
+        idx = int(self._check_indices([i])[0])
+        return self._wds_sample(int(self._rows[idx]))
+
+    # ------------------------------------------------------------------ sequential access
+
+    def iter_shard(self, shard: int) -> Iterator[dict]:
+        """Samples of one shard in row order (both backends).
+
+        Each sample: index, row, label, key, latents, features{enc} (+ cls{enc}), and with flip
+        latents_flip, features_flip{enc} (+ cls_flip{enc}).
+        """
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"store {self.path}: shard {shard} out of range [0, {self.num_shards})")
+        if shard not in self._done_shards:
+            raise StoreError(f"store {self.path}: shard {shard} is not finished")
+        if self.format == "zarr":
+            yield from self._iter_zarr_shard(shard)
+        else:
+            it = (self.decode_sample(k, raw, where=str(self.shard_path(shard)))
+                  for k, raw in wds_backend.iter_tar(self.shard_path(shard)))
+            yield from self._with_source_latents(it, shard)
+
+    def _iter_zarr_shard(self, shard: int, block: int = 256) -> Iterator[dict]:
+        m = self.manifest
+        r = shard_range(shard, m["num_rows"], m["shard_size"])
+        lat_src = self._latent_source._za if self._latent_source is not None else self._za
+        it = (s for start in range(r.start, r.stop, block)
+              for s in self._zarr_block(start, min(start + block, r.stop), lat_src))
+        if lat_src is None:  # latents from a webdataset store
+            it = self._with_source_latents(it, shard)
+        yield from it
+
+    def _zarr_block(self, start: int, stop: int, lat_src: ZarrArrays | None) -> list[dict]:
+        """Samples of rows [start, stop): one read per array (a shard is read block by block)."""
+        m, za = self.manifest, self._za
+        views = [("", "")] + ([("flip/", "_flip")] if self.has_flip else [])
+        data: dict[str, np.ndarray] = {}
+        for v, _ in views:
+            if lat_src is not None:
+                data[f"{v}latents"] = lat_src.slice(f"{v}latents", start, stop)
+            for e in self.encoders:
+                f = za.slice(f"{v}features/{e}", start, stop)
+                if f.dtype == np.int8:
+                    f = dequantize_int8(f, za.slice(f"{v}feature_scales/{e}", start, stop))
+                data[f"{v}features/{e}"] = f
+                if m["encoders"][e].get("cls"):
+                    data[f"{v}cls/{e}"] = za.slice(f"{v}cls/{e}", start, stop)
+        labels = self._all_labels()[start:stop]
+        keys = self._all_keys()[start:stop]
+        base = int(np.searchsorted(self._rows, start))
+        samples = []
+        for j, row in enumerate(range(start, stop)):
+            if not self._valid[row]:
+                continue
+            s: dict[str, Any] = {"index": base, "row": row, "label": int(labels[j]), "key": str(keys[j])}
+            base += 1
+            for v, suf in views:
+                if f"{v}latents" in data:
+                    s[f"latents{suf}"] = data[f"{v}latents"][j].astype(np.float32)
+                s[f"features{suf}"] = {e: data[f"{v}features/{e}"][j].astype(np.float32) for e in self.encoders}
+                cls = {e: data[f"{v}cls/{e}"][j].astype(np.float32) for e in self.encoders
+                       if f"{v}cls/{e}" in data}
+                if cls:
+                    s[f"cls{suf}"] = cls
+            samples.append(s)
+        return samples
+
+    def _with_source_latents(self, it: Iterator[dict], shard: int) -> Iterator[dict]:
+        if self._latent_source is None:
+            yield from it
+            return
+        src = self._latent_source.iter_shard(shard)
+        yield from _zip_latents(it, src, self.path)
+
+    # ------------------------------------------------------------------ webdataset specifics
+
+    def shard_path(self, shard: int) -> Path:
+        return self.path / wds_backend.shard_name(shard)
+
+    def shard_urls(self, template: str | None = None) -> list[str]:
+        """Shard locations for webdataset: local paths, or `template.format(name=..., shard=...)`,
+        e.g. "pipe:aws s3 cp s3://bucket/store/{name} -" for a store that lives elsewhere."""
+        if self.format != "wds":
+            raise StoreError(f"store {self.path}: shard_urls is for webdataset stores; this one is {self.format}")
+        names = [wds_backend.shard_name(s) for s in range(self.num_shards)]
+        if template is None:
+            return [str(self.path / n) for n in names]
+        return [template.format(name=n, shard=i) for i, n in enumerate(names)]
+
+    def iter_urls(self, urls: Sequence[str], latents_urls: Sequence[str] | None = None) -> Iterator[dict]:
+        """Stream samples from shard URLs with webdataset (e.g. `pipe:` URLs from shard_urls).
+
+        For a `--latents-from` store pass the latents store's URLs for the same shards."""
+        it = (self.decode_sample(k, raw, where="webdataset stream") for k, raw in wds_backend.iter_urls(list(urls)))
+        if self._latent_source is None:
+            yield from it
+            return
+        if latents_urls is None:
+            raise StoreError(f"store {self.path}: its latents live in another store; pass latents_urls")
+        src = self._latent_source
+        yield from _zip_latents(it, (src.decode_sample(k, r, where="webdataset stream")
+                                     for k, r in wds_backend.iter_urls(list(latents_urls))), self.path)
+
+    def decode_sample(self, key: str, raw: dict[str, bytes], where: str = "") -> dict:
+        """Turn one webdataset sample ({suffix: bytes}) into the reader's sample dict."""
+        where = f"store {self.path} {where} sample {key}"
+        try:
+            row = int(key)
+        except ValueError:
+            raise StoreError(f"{where}: key is not a row number") from None
+
+        def take(suffix: str) -> bytes:
+            if suffix not in raw:
+                raise StoreError(f"{where}: member '{key}.{suffix}' is missing")
+            return raw[suffix]
+
+        s: dict[str, Any] = {
+            "index": int(np.searchsorted(self._rows, row)),
+            "row": row,
+            "label": int(take("cls").decode("ascii")),
+            "key": take("key.txt").decode("utf-8"),
+        }
+        views = [("", "")] + ([("flip.", "_flip")] if self.has_flip else [])
+        for pre, suf in views:
+            if self._latent_source is None:
+                s[f"latents{suf}"] = wds_backend.load_npy(take(f"{pre}latents.npy"), where).astype(np.float32)
+            feats, cls = {}, {}
+            for e in self.encoders:
+                mem = self._members[e]
+                f = wds_backend.load_npy(take(f"{pre}feat.{mem}.npy"), where)
+                if f.dtype == np.int8:
+                    f = dequantize_int8(f, wds_backend.load_npy(take(f"{pre}scale.{mem}.npy"), where))
+                feats[e] = f.astype(np.float32, copy=False)
+                if self.manifest["encoders"][e].get("cls"):
+                    cls[e] = wds_backend.load_npy(take(f"{pre}clstoken.{mem}.npy"), where).astype(np.float32)
+            s[f"features{suf}"] = feats
+            if cls:
+                s[f"cls{suf}"] = cls
+        return s
+
+    def _wds_sample(self, row: int) -> dict:
+        """Random access into a tar via its member offsets (cached for the last shard used)."""
+        shard = row // self.manifest["shard_size"]
+        p = self.shard_path(shard)
+        if self._tar_index is None or self._tar_index[0] != shard:
+            with tarfile.open(p, mode="r:") as tar:
+                index = {ti.name: (ti.offset_data, ti.size) for ti in tar.getmembers() if ti.isreg()}
+            self._tar_index = (shard, index)
+        index = self._tar_index[1]
+        key = wds_backend.sample_key(row)
+        raw = {}
+        with open(p, "rb") as f:
+            for name, (off, size) in index.items():
+                if name.startswith(key + "."):
+                    f.seek(off)
+                    raw[name[len(key) + 1:]] = f.read(size)
+        s = self.decode_sample(key, raw, where=str(p))
+        if self._latent_source is not None:
+            src = self._latent_source[self._latent_source.row_to_index(row)]
+            for k in ("latents", "latents_flip"):
+                if k in src:
+                    s[k] = src[k]
+        return s
+
+
+def _read_rows(za: ZarrArrays, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows in the given order: direct reads, or one sorted zarr read then reordered."""
+    if za.fast(name) is not None:
+        return za.fast(name).read(rows)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    return za.rows(name, uniq)[inv]
+
+
+def _zip_latents(it: Iterator[dict], src: Iterator[dict], path: Path) -> Iterator[dict]:
+    """Attach latents from a second row-ordered stream (the latents store) to each sample."""
+    cur = next(src, None)
+    for s in it:
+        while cur is not None and cur["row"] < s["row"]:
+            cur = next(src, None)
+        if cur is None or cur["row"] != s["row"]:
+            raise StoreError(f"store {path}: latents store has no row {s['row']}")
+        for k in ("latents", "latents_flip"):
+            if k in cur:
+                s[k] = cur[k]
+        yield s
+
+
+def _unbatch(batch: dict) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {e: a[0] for e, a in v.items()}
+        elif isinstance(v, list):
+            out[k] = v[0] if v else None
+        elif k in ("index", "row", "label"):
+            out[k] = int(v[0])
+        else:
+            out[k] = v[0]
+    return out

@@ -1,0 +1,215 @@
+"""verify_store (checksums) and describe_store (what is inside) for `irepa-cache verify/inspect`."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .manifest import read_manifest, read_shard_records, sha256_file
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of verify_store; `ok` is False for any bad file or an unfinished build."""
+
+    path: Path
+    state: str | None = None
+    num_shards: int = 0
+    shards_checked: int = 0
+    files_checked: int = 0
+    bad_shards: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # shard -> [(file, problem)]
+    bad_meta: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.bad_shards or self.bad_meta or self.problems)
+
+    def format(self) -> str:
+        lines = []
+        head = f"store {self.path}: "
+        if self.ok:
+            return (head + f"OK ({self.shards_checked} shards, {self.files_checked} files, checksums match)")
+        lines.append(head + "FAILED verification")
+        lines += [f"  {p}" for p in self.problems]
+        for s in sorted(self.bad_shards):
+            for f, why in self.bad_shards[s]:
+                lines.append(f"  bad shard {s}: {f}: {why}")
+        for f, why in self.bad_meta:
+            lines.append(f"  bad metadata file {f}: {why}")
+        lines.append(f"  checked {self.shards_checked} of {self.num_shards} shards, {self.files_checked} files")
+        return "\n".join(lines)
+
+
+def _check_files(root: Path, files: dict[str, str], workers: int = 1) -> list[tuple[str, str]]:
+    def check(item: tuple[str, str]) -> tuple[str, str] | None:
+        rel, want = item
+        p = root / rel
+        if not p.is_file():
+            return (rel, "missing")
+        got = sha256_file(p)
+        return None if got == want else (rel, f"sha256 {got[:16]}... != manifest {want[:16]}...")
+
+    items = sorted(files.items())
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(workers) as ex:  # hashlib releases the GIL on large buffers
+            results = list(ex.map(check, items))
+    else:
+        results = [check(i) for i in items]
+    return [r for r in results if r is not None]
+
+
+def verify_store(path: str | os.PathLike, workers: int | None = None) -> VerifyReport:
+    """Recompute every file's sha256 against the manifest (or the shard records while unfinished).
+
+    Files are hashed by `workers` threads (default: up to 8, one per CPU)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    root = Path(path)
+    rep = VerifyReport(path=root)
+    try:
+        m = read_manifest(root)
+    except StoreError as e:
+        rep.problems.append(str(e))
+        return rep
+    rep.state = m["state"]
+    rep.num_shards = m["num_shards"]
+    if m["state"] == "complete":
+        shards = {s["id"]: s["files"] for s in m["shards"]}
+    else:
+        records = read_shard_records(root, m["num_shards"])
+        shards = {s: r["files"] for s, r in records.items()}
+        rep.problems.append(
+            f"the build is unfinished (state 'building'): {len(records)} of {m['num_shards']} shards done"
+        )
+    owner = {rel: s for s, files in shards.items() for rel in files}
+    all_files = {rel: want for files in shards.values() for rel, want in files.items()}
+    for rel, why in _check_files(root, all_files, workers):
+        rep.bad_shards.setdefault(owner[rel], []).append((rel, why))
+    rep.bad_shards = dict(sorted(rep.bad_shards.items()))
+    rep.files_checked += len(all_files)
+    rep.shards_checked = len(shards)
+    meta = m.get("meta_files") or {}
+    rep.bad_meta = _check_files(root, meta, workers)
+    rep.files_checked += len(meta)
+    return rep
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe_store(path: str | os.PathLike) -> dict:
+    """Counts, arrays, bytes on disk, skipped inputs and provenance of a store (finished or not)."""
+    root = Path(path)
+    m = read_manifest(root)
+    if m["state"] == "complete":
+        done = m["num_shards"]
+        skipped = m["skipped"]
+    else:
+        records = read_shard_records(root, m["num_shards"])
+        done = len(records)
+        skipped = sorted((s for r in records.values() for s in r["skipped"]), key=lambda s: s["row"])
+    total = 0
+    by_part: Counter = Counter()
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            size = p.stat().st_size
+            total += size
+            rel = p.relative_to(root).as_posix()
+            if m["format"] == "zarr" and "/c/" in rel:
+                by_part[rel.split("/c/")[0]] += size
+            elif rel.endswith(".tar"):
+                by_part["shards (tar)"] += size
+            else:
+                by_part["metadata"] += size
+    n = m["num_samples"] if m["num_samples"] is not None else None
+    ds = dict(m["dataset"])
+    names = ds.pop("class_names", None)
+    ds["num_class_names"] = len(names) if names else 0
+    return {
+        "path": str(root),
+        "format": m["format"],
+        "format_version": m["format_version"],
+        "state": m["state"],
+        "package_version": m["package_version"],
+        "num_rows": m["num_rows"],
+        "num_samples": n,
+        "num_skipped": len(skipped),
+        "shard_size": m["shard_size"],
+        "num_shards": m["num_shards"],
+        "shards_done": done,
+        "arrays": m["arrays"],
+        "flip": m["flip"],
+        "bytes_total": total,
+        "bytes_per_sample": (total / n) if n else None,
+        "bytes_by_array": dict(sorted(by_part.items())),
+        "skipped": skipped,
+        "skipped_reasons": dict(Counter(s["reason"] for s in skipped).most_common()),
+        "dataset": ds,
+        "image": m["image"],
+        "vae": m["vae"],
+        "latent_stats": m["latent_stats"],
+        "latents_from": m["latents_from"],
+        "encoders": m["encoders"],
+        "build_args": m["build_args"],
+    }
+
+
+def format_description(d: dict, max_skipped: int = 10) -> str:
+    """Human-readable text of describe_store's dict (what `irepa-cache inspect` prints)."""
+    out: list[str] = []
+    add = out.append
+    add(f"store {d['path']}  ({d['format']}, format v{d['format_version']}, irepa {d['package_version']})")
+    if d["state"] != "complete":
+        add(f"  UNFINISHED build: {d['shards_done']} of {d['num_shards']} shards done")
+    ns = d["num_samples"] if d["num_samples"] is not None else "?"
+    add(f"  samples {ns} of {d['num_rows']} rows, {d['num_skipped']} skipped, "
+        f"{d['num_shards']} shards of {d['shard_size']} rows, flip={d['flip']}")
+    add("  arrays:")
+    width = max((len(k) for k in d["arrays"]), default=0)
+    for k, a in d["arrays"].items():
+        add(f"    {k:<{width}}  {str(tuple(a['shape'])):<24} {a['dtype']}")
+    per = f", {_human(d['bytes_per_sample'])} per sample" if d["bytes_per_sample"] else ""
+    add(f"  on disk: {_human(d['bytes_total'])}{per}")
+    for k, v in d["bytes_by_array"].items():
+        add(f"    {k}: {_human(v)}")
+    if d["num_skipped"]:
+        add(f"  skipped inputs ({d['num_skipped']}): " + ", ".join(f"{r} x{c}" for r, c in d["skipped_reasons"].items()))
+        for s in d["skipped"][:max_skipped]:
+            add(f"    row {s['row']}: {s['key']}: {s['reason']}")
+        if d["num_skipped"] > max_skipped:
+            add(f"    ... {d['num_skipped'] - max_skipped} more")
+    add("  provenance:")
+    add(f"    dataset: {_kv(d['dataset'])}")
+    add(f"    image: {_kv(d['image'])}")
+    add(f"    vae: {_kv(d['vae'])}")
+    if d["latents_from"]:
+        add(f"    latents from: {d['latents_from']['path']} (fingerprint {d['latents_from']['fingerprint'][:16]}...)")
+    ls = d["latent_stats"]
+    if ls:
+        add(f"    latent stats over {ls['count']} positions: mean {_fmt(ls['mean'])} std {_fmt(ls['std'])}")
+    for name, e in d["encoders"].items():
+        add(f"    encoder {name}: {_kv(e)}")
+    if d["build_args"]:
+        add(f"    build args: {_kv(d['build_args'])}")
+    return "\n".join(out)
+
+
+def _fmt(v: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+
+
+def _kv(d: Any) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    return ", ".join(f"{k}={v}" for k, v in d.items() if v is not None)

@@ -1,0 +1,476 @@
+"""StoreWriter: create or resume a store, write shards atomically, finalize the manifest.
+
+Protocol (see docs/ARCHITECTURE.md): `StoreWriter.open(...)` creates the store (arrays metadata,
+then manifest with state "building") or, on resume, checks that the existing manifest describes
+the same build. Each `write_shard` writes one shard's files, fsyncs them, then atomically writes
+`_progress/shard-XXXXXX.json` (checksums, skipped rows, latent channel sums). `finalize()`
+aggregates the records into the manifest and sets state "complete".
+
+Several processes (torchrun ranks) may write disjoint shards of one store. Let rank 0 call
+`open` first and the others after a barrier; only rank 0 calls `finalize`, after all are done.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import wds_backend, zarr_backend
+from .errors import StoreError
+from .layout import StoreLayout, quantize_int8, token_grid_for, wds_member_names
+from .manifest import (
+    FORMAT_VERSION, FORMATS, MANIFEST_NAME, PARTIAL_SUFFIX, PROGRESS_DIR, atomic_write_json,
+    dataset_fingerprint, package_version, read_json, read_manifest, read_shard_records,
+    sha256_file, shard_range, shard_record_name, validate_manifest,
+)
+
+INFO_KEYS = ("dataset", "image", "vae", "encoders", "build_args", "latents_from")
+# Fields a resumed build may differ in without changing what the shards hold; the stored values win.
+_RESUME_IGNORED = {"state", "num_samples", "latent_stats", "shards", "skipped", "build_args",
+                   "package_version", "meta_files"}
+
+
+def labels_fingerprint(labels: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            p = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(p)
+            else:
+                out += _diff(a[k], b[k], p)
+        return out
+    return [] if a == b else [path or "<root>"]
+
+
+def _short(v: Any, n: int = 80) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return "<absent>"
+        d = d[k]
+    return d
+
+
+def format_ranges(ids: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, so manifests compare equal after a JSON round trip."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _allowed_entry(name: str) -> bool:
+    return (
+        name in (MANIFEST_NAME, PROGRESS_DIR, "zarr.json", "labels", "keys", "latents", "features",
+                 "feature_scales", "cls", "flip")
+        or name.endswith(PARTIAL_SUFFIX)
+        or (name.startswith("shard-") and name.endswith(".tar"))
+    )
+
+
+class StoreWriter:
+    """Writes one store; see the module docstring for the protocol."""
+
+    def __init__(self, path: Path, manifest: dict, layout: StoreLayout, keys: list[str],
+                 labels: np.ndarray):
+        self.path = path
+        self.manifest = manifest
+        self.layout = layout
+        self.format = manifest["format"]
+        self.keys = keys
+        self.labels = labels
+        self.members = {n: e["member"] for n, e in manifest["encoders"].items()}
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, format: str, layout: StoreLayout, keys: Sequence[str],
+             labels: Sequence[int] | np.ndarray, info: dict | None = None, resume: bool = True,
+             overwrite: bool = False) -> "StoreWriter":
+        """Create the store at `path`, or resume the build already there.
+
+        resume=False refuses an existing store unless overwrite=True, which deletes it first.
+        On resume the existing manifest must describe the same build (dataset fingerprint, layout,
+        provenance); otherwise StoreError names every field that differs.
+        """
+        path = Path(path)
+        if format not in FORMATS:
+            raise StoreError(f"store {path}: format must be one of {FORMATS}, got {format!r}")
+        keys = [str(k) for k in keys]
+        labels_arr = np.asarray(labels)
+        if len(keys) != layout.num_rows or len(labels_arr) != layout.num_rows:
+            raise StoreError(
+                f"store {path}: layout has {layout.num_rows} rows but got {len(keys)} keys and "
+                f"{len(labels_arr)} labels"
+            )
+        if labels_arr.size and not np.issubdtype(labels_arr.dtype, np.integer):
+            raise StoreError(f"store {path}: labels must be integers, got dtype {labels_arr.dtype}")
+        labels_arr = labels_arr.astype(np.int64)
+        bad = [k for k in keys if "\n" in k]
+        if bad:
+            raise StoreError(f"store {path}: source key {bad[0]!r} contains a newline")
+        expected = cls._building_manifest(path, format, layout, keys, labels_arr, info or {})
+
+        mpath = path / MANIFEST_NAME
+        if mpath.exists() and overwrite:
+            shutil.rmtree(path)
+        elif mpath.exists():
+            if not resume:
+                raise StoreError(
+                    f"store {path} already exists; resume it (resume=True) or delete it (overwrite=True)"
+                )
+            existing = read_manifest(path)
+            diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED]
+            if diffs:
+                lines = [f"  {d}: store has {_short(_lookup(existing, d))}, this build has "
+                         f"{_short(_lookup(expected, d))}" for d in diffs[:12]]
+                more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
+                raise StoreError(
+                    f"store {path} was started by a different build and cannot be resumed; "
+                    f"differing fields:\n" + "\n".join(lines) + more
+                    + "\nUse another output directory or overwrite=True to start again."
+                )
+            if format == "zarr":  # idempotent: only fills in arrays that are somehow absent
+                zarr_backend.create_arrays(path, layout)
+            (path / PROGRESS_DIR).mkdir(exist_ok=True)
+            return cls(path, existing, layout, keys, labels_arr)
+
+        if path.exists():
+            foreign = sorted(n for n in os.listdir(path) if not _allowed_entry(n))
+            if foreign:
+                raise StoreError(
+                    f"store {path}: directory exists, has no {MANIFEST_NAME} and holds other files "
+                    f"({', '.join(foreign[:5])}); refusing to write a store into it"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        if format == "zarr":
+            meta = zarr_backend.create_arrays(path, layout)
+            expected["meta_files"] = {rel: sha256_file(path / rel) for rel in meta}
+        (path / PROGRESS_DIR).mkdir(exist_ok=True)
+        atomic_write_json(mpath, expected)
+        return cls(path, read_manifest(path), layout, keys, labels_arr)
+
+    @staticmethod
+    def _building_manifest(path: Path, format: str, layout: StoreLayout, keys: list[str],
+                           labels: np.ndarray, info: dict) -> dict:
+        unknown = sorted(set(info) - set(INFO_KEYS))
+        if unknown:
+            raise StoreError(f"store {path}: unknown info field(s) {unknown}; allowed: {list(INFO_KEYS)}")
+        info = _jsonable(info)
+        fp = dataset_fingerprint(keys)
+        dataset = dict(info.get("dataset") or {})
+        if "fingerprint" in dataset and dataset["fingerprint"] != fp:
+            raise StoreError(
+                f"store {path}: info['dataset']['fingerprint'] {dataset['fingerprint']} does not match "
+                f"the keys' fingerprint {fp}"
+            )
+        valid_labels = labels[labels >= 0]
+        ds = {
+            "source": dataset.pop("source", None),
+            "fingerprint": fp,
+            "labels_fingerprint": labels_fingerprint(labels),
+            "num_classes": dataset.pop("num_classes", int(valid_labels.max()) + 1 if valid_labels.size else 0),
+            "class_names": dataset.pop("class_names", None),
+        }
+        dataset.pop("fingerprint", None)
+        ds.update(dataset)
+
+        enc_info = dict(info.get("encoders") or {})
+        extra = sorted(set(enc_info) - set(layout.encoders))
+        if extra:
+            raise StoreError(f"store {path}: info['encoders'] names {extra}, which the layout does not have")
+        members = wds_member_names(list(layout.encoders))
+        encoders = {}
+        for name, (t, d) in layout.encoders.items():
+            e = dict(enc_info.get(name) or {})
+            if "dim" in e and int(e["dim"]) != d:
+                raise StoreError(f"store {path}: encoder {name!r} info dim {e['dim']} != layout D {d}")
+            if "feature_dtype" in e and e["feature_dtype"] != layout.feature_dtype:
+                raise StoreError(f"store {path}: encoder {name!r} info feature_dtype {e['feature_dtype']!r} "
+                                 f"!= layout {layout.feature_dtype!r}")
+            grid = token_grid_for(name, t, e.get("token_grid"))
+            entry = {
+                "timm_id": e.pop("timm_id", None),
+                "weights_sha256": e.pop("weights_sha256", None),
+                "token_grid": grid,
+                "num_tokens": t,
+                "dim": d,
+                "input_size": e.pop("input_size", None),
+                "feature_dtype": layout.feature_dtype,
+                "cls": bool(layout.with_cls),
+                "member": members[name],
+            }
+            for k in ("token_grid", "dim", "feature_dtype", "cls", "member", "num_tokens"):
+                e.pop(k, None)
+            entry.update(e)
+            encoders[name] = entry
+
+        latents_from = info.get("latents_from")
+        if layout.write_latents and latents_from:
+            raise StoreError(f"store {path}: info['latents_from'] is set but layout.write_latents is True")
+        if not layout.write_latents:
+            if not latents_from or not latents_from.get("path"):
+                raise StoreError(
+                    f"store {path}: layout.write_latents=False needs info['latents_from'] = "
+                    "{'path': <store with the latents>}"
+                )
+            src = Path(latents_from["path"])
+            src_abs = src if src.is_absolute() else Path(os.path.abspath(src))
+            rel = os.path.relpath(src_abs, os.path.abspath(path))
+            src_fp = latents_from.get("fingerprint")
+            if (src_abs / MANIFEST_NAME).exists():
+                sm = read_manifest(src_abs)
+                got = sm["dataset"]["fingerprint"]
+                if src_fp is not None and src_fp != got:
+                    raise StoreError(f"store {path}: latents_from fingerprint {src_fp} != store {src_abs} "
+                                     f"fingerprint {got}")
+                src_fp = got
+                if "latents" not in sm["arrays"] and sm.get("latents_from") is None:
+                    raise StoreError(f"store {path}: latents_from store {src_abs} holds no latents")
+            if src_fp is None:
+                raise StoreError(f"store {path}: latents_from store {src_abs} has no manifest and no "
+                                 "fingerprint was given")
+            if src_fp != fp:
+                raise StoreError(
+                    f"store {path}: dataset fingerprint {fp} does not match latents_from store "
+                    f"{src_abs} (fingerprint {src_fp}); the two builds enumerate different inputs"
+                )
+            latents_from = {"path": Path(rel).as_posix(), "fingerprint": src_fp}
+        else:
+            latents_from = None
+
+        arrays = {n: {"shape": list(s), "dtype": dt} for n, (s, dt) in layout.array_specs().items()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "format": format,
+            "state": "building",
+            "package_version": package_version(),
+            "num_rows": layout.num_rows,
+            "num_samples": None,
+            "shard_size": layout.shard_size,
+            "num_shards": layout.num_shards,
+            "dataset": ds,
+            "image": info.get("image") or {},
+            "vae": info.get("vae"),
+            "latent_shape": list(layout.latent_shape),
+            "latent_dtype": layout.latent_dtype,
+            "latent_stats": None,
+            "latents_from": latents_from,
+            "encoders": encoders,
+            "arrays": arrays,
+            "flip": bool(layout.flip),
+            "shards": [],
+            "skipped": [],
+            "build_args": info.get("build_args") or {},
+            "meta_files": {},
+        }
+
+    # ------------------------------------------------------------------ shards
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    def shard_rows(self, shard: int) -> range:
+        """Rows [s*shard_size, min((s+1)*shard_size, num_rows)) of shard s."""
+        if not 0 <= shard < self.num_shards:
+            raise StoreError(f"store {self.path}: shard {shard} out of range [0, {self.num_shards})")
+        return shard_range(shard, self.layout.num_rows, self.layout.shard_size)
+
+    def pending_shards(self) -> list[int]:
+        """Shards without a completion record (re-read from disk, so other ranks' work counts)."""
+        done = read_shard_records(self.path, self.num_shards)
+        return [s for s in range(self.num_shards) if s not in done]
+
+    def _input_names(self) -> list[str]:
+        return [n for n in self.layout.array_specs() if n not in ("labels", "keys")]
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray],
+                    skipped: Iterable[tuple[int, str]] = ()) -> dict:
+        """Write shard `shard` (arrays hold the shard's rows first); returns its completion record.
+
+        `skipped` lists (row, reason) with absolute rows inside the shard: those rows are stored
+        zero-filled with label -1 (zarr) or left out (webdataset). int8 stores accept float
+        features (quantised here) or int8 features plus `feature_scales/<enc>`.
+        """
+        rows = self.shard_rows(shard)
+        n = len(rows)
+        where = f"store {self.path} shard {shard} (rows {rows.start}-{rows.stop - 1})"
+        specs = self.layout.array_specs()
+        expected = self._input_names()
+        optional = {x for x in expected if "feature_scales/" in x}
+        got = set(arrays)
+        missing = sorted(set(expected) - got - optional)
+        unknown = sorted(got - set(expected))
+        if missing or unknown:
+            raise StoreError(f"{where}: arrays missing {missing}, unexpected {unknown}; expected {expected}")
+
+        skip = {}
+        for row, reason in skipped:
+            row = int(row)
+            if row not in rows:
+                raise StoreError(f"{where}: skipped row {row} is not in this shard")
+            skip[row] = str(reason)
+        valid = np.array([r not in skip for r in rows], dtype=bool)
+
+        data: dict[str, np.ndarray] = {}
+        for name in expected:
+            shape, dtype = specs[name]
+            if name in optional and name not in arrays:
+                continue
+            a = np.asarray(arrays[name])
+            if a.shape != (n, *shape[1:]):
+                raise StoreError(f"{where}: array {name!r} has shape {a.shape}, expected {(n, *shape[1:])}")
+            if not valid.all():  # skipped rows hold zeros whatever the caller passed
+                a = a.copy()
+                a[~valid] = 0
+            if np.issubdtype(a.dtype, np.floating):
+                self._check_finite(a, valid, name, where)
+            if name in optional:
+                data[name] = a.astype(np.float32, copy=False)
+                self._check_finite(data[name], valid, name, where)
+            elif dtype == "int8" and a.dtype != np.int8:
+                if not np.issubdtype(a.dtype, np.floating):
+                    raise StoreError(f"{where}: array {name!r} must be float (quantised here) or int8")
+                sname = name.replace("features/", "feature_scales/", 1)
+                if sname in arrays:
+                    raise StoreError(f"{where}: got float {name!r} and {sname!r}; pass float features "
+                                     "(quantised here) or int8 features with their scales")
+                q, sc = quantize_int8(a)
+                data[name] = q
+                data[sname] = sc
+            else:
+                if dtype == "int8" and name.replace("features/", "feature_scales/", 1) not in arrays:
+                    raise StoreError(f"{where}: int8 array {name!r} needs its scales "
+                                     f"{name.replace('features/', 'feature_scales/', 1)!r}")
+                if dtype != "int8" and not np.issubdtype(a.dtype, np.floating):
+                    raise StoreError(f"{where}: array {name!r} must be floating point, got {a.dtype}")
+                data[name] = a.astype(dtype, copy=False)
+                if dtype != "int8" and data[name].dtype != a.dtype:  # e.g. fp16 overflow
+                    self._check_finite(data[name], valid, name, where)
+        labels = self.labels[rows.start:rows.stop].copy()
+        labels[~valid] = -1
+        data["labels"] = labels
+        data["keys"] = np.array(self.keys[rows.start:rows.stop], dtype=object)
+        data = {k: data[k] for k in specs}  # fixed order
+
+        sums = None
+        if self.layout.write_latents:
+            lat = data["latents"][valid].astype(np.float64)
+            c = self.layout.latent_channels2 // 2
+            mean, std = lat[:, :c], lat[:, c:]
+            sums = {
+                "sum": mean.sum(axis=(0, 2, 3)).tolist(),
+                "sum_sq": (mean * mean + std * std).sum(axis=(0, 2, 3)).tolist(),
+                "count": int(valid.sum()) * self.layout.latent_hw[0] * self.layout.latent_hw[1],
+            }
+
+        rec_path = self.path / shard_record_name(shard)
+        rec_path.unlink(missing_ok=True)  # a rewrite is incomplete until its new record lands
+        if self.format == "zarr":
+            files = zarr_backend.write_shard(self.path, self.layout, shard, rows, data)
+        else:
+            files = wds_backend.write_shard(self.path, shard, rows, data, valid, self.members)
+        record = {
+            "id": shard,
+            "rows": [rows.start, rows.stop],
+            "files": files,
+            "skipped": [{"row": r, "key": self.keys[r], "reason": skip[r]} for r in sorted(skip)],
+            "latent_sums": sums,
+        }
+        atomic_write_json(rec_path, record)
+        return record
+
+    @staticmethod
+    def _check_finite(a: np.ndarray, valid: np.ndarray, name: str, where: str) -> None:
+        ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1) | ~valid
+        if not ok.all():
+            bad = np.nonzero(~ok)[0][:5].tolist()
+            raise StoreError(f"{where}: array {name!r} has NaN/inf in shard-relative row(s) {bad}")
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize(self) -> dict:
+        """Aggregate every completion record into the manifest and mark the store complete."""
+        ns = self.num_shards
+        records = read_shard_records(self.path, ns)
+        missing = [s for s in range(ns) if s not in records]
+        if missing:
+            raise StoreError(
+                f"store {self.path}: cannot finalize, {len(missing)} of {ns} shard(s) have no completion "
+                f"record: {format_ranges(missing)}"
+            )
+        for p in sorted(self.path.rglob(f"*{PARTIAL_SUFFIX}")):  # leftovers of interrupted writes
+            p.unlink(missing_ok=True)
+        m = validate_manifest(read_json(self.path / MANIFEST_NAME, f"store {self.path}"), self.path)
+        shards, skipped = [], []
+        c = self.layout.latent_channels2 // 2
+        s1, s2, count = np.zeros(c), np.zeros(c), 0
+        for s in range(ns):
+            rec = records[s]
+            rows = self.shard_rows(s)
+            if rec.get("rows") != [rows.start, rows.stop]:
+                raise StoreError(f"store {self.path}: record of shard {s} covers rows {rec.get('rows')}, "
+                                 f"expected {[rows.start, rows.stop]}")
+            shards.append({"id": s, "rows": rec["rows"], "files": rec["files"],
+                           "num_skipped": len(rec["skipped"])})
+            skipped += rec["skipped"]
+            ls = rec.get("latent_sums")
+            if ls:
+                s1 += np.asarray(ls["sum"], dtype=np.float64)
+                s2 += np.asarray(ls["sum_sq"], dtype=np.float64)
+                count += int(ls["count"])
+        stats = None
+        if self.layout.write_latents and count > 0:
+            mean = s1 / count
+            std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+            stats = {"mean": mean.tolist(), "std": std.tolist(), "count": count}
+        elif not self.layout.write_latents and m["latents_from"] is not None:
+            src = (self.path / m["latents_from"]["path"])
+            if (src / MANIFEST_NAME).exists():
+                stats = read_manifest(src).get("latent_stats")
+        m.update(
+            state="complete",
+            num_samples=self.layout.num_rows - len(skipped),
+            latent_stats=stats,
+            shards=shards,
+            skipped=skipped,
+        )
+        validate_manifest(m, self.path)
+        atomic_write_json(self.path / MANIFEST_NAME, m)
+        self.manifest = m
+        return m
