@@ -193,11 +193,18 @@ build_store(data=sys.argv[1], out=sys.argv[2], encoder="dinov2-vit-b", shard_siz
 """
 
 
+def _run_build_process(image_tree: Path, out: Path, kill_after_shards: int) -> subprocess.CompletedProcess:
+    # every build of this test runs in a fresh process with the same thread count, so that float
+    # reductions (and therefore bytes) do not depend on what earlier tests set in this process
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(image_tree), str(out), str(kill_after_shards)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_killed_build_resumes_to_identical_bytes(image_tree, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    build_store(data=str(image_tree), out=str(ref), encoder="dinov2-vit-b", shard_size=2, batch_size=2, **TINY)
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(image_tree), str(killed), "3"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert _run_build_process(image_tree, ref, 0).returncode == 0
+    proc = _run_build_process(image_tree, killed, 3)
     assert proc.returncode == -9, proc.stderr
     done = sorted(p.name for p in (killed / "_progress").glob("*.json"))
     assert len(done) == 3
@@ -206,7 +213,9 @@ def test_killed_build_resumes_to_identical_bytes(image_tree, tmp_path):
     # a crash mid-write leaves a stray temp file and garbage in a shard that has no record
     (killed / "latents" / "c" / "4.deadbeef.partial").parent.mkdir(parents=True, exist_ok=True)
     (killed / "latents" / "c" / "4.deadbeef.partial").write_bytes(b"garbage")
-    build_store(data=str(image_tree), out=str(killed), encoder="dinov2-vit-b", shard_size=2, batch_size=2, **TINY)
+    (killed / "latents" / "c" / "4" / "0" / "0").mkdir(parents=True, exist_ok=True)
+    (killed / "latents" / "c" / "4" / "0" / "0" / "0").write_bytes(b"torn shard")
+    assert _run_build_process(image_tree, killed, 0).returncode == 0
     a, b = _tree_bytes(ref), _tree_bytes(killed)
     assert sorted(a) == sorted(b)
     for name in a:
