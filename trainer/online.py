@@ -1,0 +1,243 @@
+"""``--online``: latents and encoder features computed from images at every step (REPA's way).
+
+The baseline the cache is measured against. Images come from ``--data`` or from the source the
+store was built from (its manifest's ``build_args.data``, checked against the store's dataset
+fingerprint). Each micro-batch is decoded and ADM-cropped in DataLoader workers
+(``pipeline.transforms``), then on the device the VAE gives the posterior (mean, std) and every
+encoder its patch tokens, exactly as ``irepa-cache build`` computes them. The batch then goes
+through the same loss code as a cached one (``trainer.train.Objective``), in the same sample order
+(:class:`trainer.data.IndexOrder` over the store's sample indices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.data import IndexOrder, LoaderSpec
+
+__all__ = ["OnlineSource", "ImageBatches"]
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_ENCODER = "dinov2-vit-b"
+BUNDLED = "<bundled sample images>"
+
+
+class ImageBatches(Dataset):
+    """Item ``j``: this rank's micro-batch ``j`` as ADM-cropped uint8 images [b, 3, R, R] + labels.
+
+    Sample index ``i`` is source row ``rows[i]``; a flipped view is mirrored here.
+    """
+
+    def __init__(self, source: Any, rows: np.ndarray, resolution: int, order: IndexOrder, length: int):
+        self.source, self.rows, self.resolution = source, np.asarray(rows, dtype=np.int64), int(resolution)
+        self.order, self.length = order, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int) -> dict:
+        from pipeline.transforms import DecodeError, decode_and_crop
+
+        idx, flip = self.order.batch(j)
+        images, labels = [], []
+        for k, i in enumerate(idx):
+            row = int(self.rows[i])
+            key = self.source.keys[row]
+            try:
+                arr = decode_and_crop(self.source.read_bytes(row), self.resolution, name=key)
+            except DecodeError as e:
+                raise RuntimeError(f"--online: sample {i} (row {row}, {key}) cannot be decoded: {e.reason}") from e
+            if flip is not None and flip[k]:
+                arr = arr[:, ::-1]
+            images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            labels.append(int(self.source.labels[row]))
+        return {"image": torch.from_numpy(np.stack(images)), "label": torch.as_tensor(labels, dtype=torch.int64),
+                "index": torch.as_tensor(idx, dtype=torch.int64)}
+
+
+def _autocast(device: torch.device):
+    # the same precision as the build (pipeline.build encodes under bf16 autocast on CUDA)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class OnlineBatches:
+    """Iterable of device micro-batches ``{latents, features, label, index}`` plus the position."""
+
+    def __init__(self, owner: "OnlineSource", spec: LoaderSpec, steps: int, state: dict | None, num_workers: int):
+        state = dict(state or {})
+        if state and state.get("kind", "index") != "index":
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} loader position; --online needs 'index'")
+        self.owner, self.spec = owner, spec
+        self.num_samples = len(owner.rows)
+        self.start = int(state.get("position", 0))
+        self.order = IndexOrder(self.num_samples, spec, self.start)
+        self.dataset = ImageBatches(owner.source, owner.rows, owner.resolution, self.order, steps * spec.grad_accum)
+        self.num_workers = int(num_workers)
+
+    def __iter__(self) -> Iterator[dict]:
+        dev = self.owner.device
+        kw: dict[str, Any] = dict(batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                  pin_memory=dev.type == "cuda")
+        for b in DataLoader(self.dataset, **kw):
+            latents, feats = self.owner.encode(b["image"])
+            yield {"latents": latents, "features": feats, "label": b["label"].to(dev), "index": b["index"]}
+
+    def state_after(self, steps_done: int) -> dict:
+        return {"kind": "index", "position": self.start + int(steps_done) * self.spec.global_batch,
+                "num_samples": self.num_samples, "seed": self.spec.seed}
+
+
+class OnlineSource:
+    """Images, VAE and encoders for an ``--online`` run; see the module docstring."""
+
+    def __init__(self, source: Any, rows: np.ndarray, resolution: int, vae: Any, encoders: dict[str, Any],
+                 num_classes: int, device: torch.device, manifest: dict | None, flip: bool):
+        self.source, self.rows, self.resolution = source, rows, int(resolution)
+        self.vae, self.encoder_models = vae, encoders
+        self.num_classes, self.device, self.manifest, self.flip = num_classes, device, manifest, flip
+        self.encoders = list(encoders)
+        self.feature_dims = {n: int(e.dim) for n, e in encoders.items()}
+        down = int(getattr(vae, "downsample", 8))
+        if self.resolution % down:
+            raise ValueError(f"--online: resolution {self.resolution} is not divisible by the VAE factor {down}")
+        self.latent_shape = (2 * int(vae.latent_channels), self.resolution // down, self.resolution // down)
+
+    # -------------------------------------------------------------- construction
+
+    @classmethod
+    def create(cls, cfg: Any, reader: Any | None, d: Any, models: dict | None = None) -> "OnlineSource":
+        from pipeline.sources import default_sample_source, open_source
+
+        manifest = reader.manifest if reader is not None else None
+        data = cfg.data
+        if data is None and manifest is not None:
+            data = (manifest.get("build_args") or {}).get("data")
+        if data is None:
+            raise ValueError("--online needs images: pass --data PATH, or --cache STORE to reuse the store's source")
+        source = default_sample_source() if data == BUNDLED else open_source(data)
+        if reader is not None:
+            from stores import dataset_fingerprint
+            fp = dataset_fingerprint(source.keys)
+            want = manifest["dataset"]["fingerprint"]
+            if fp != want:
+                raise ValueError(f"--online: images at {data} (fingerprint {fp}) are not the ones store {reader.path} "
+                                 f"was built from (fingerprint {want}); pass the original --data")
+            rows = np.asarray(reader.rows, dtype=np.int64)
+            resolution = int(manifest["image"]["resolution"])
+            flip = bool(reader.has_flip)
+        else:
+            rows = np.arange(len(source), dtype=np.int64)
+            resolution = int(getattr(cfg, "resolution", None) or 256)
+            flip = False
+        models = models or {}
+        vae = models.get("vae")
+        if vae is None:
+            from pipeline.vae import load_vae
+            vae_id = cfg.vae or ((manifest or {}).get("vae") or {}).get("id") or DEFAULT_VAE
+            vae = load_vae(vae_id)
+        vae = vae.eval().to(d.device)
+        encoders = models.get("encoders")
+        if encoders is None:
+            encoders = cls._load_encoders(cfg, manifest, resolution)
+        encoders = {n: e.eval().to(d.device) for n, e in encoders.items()}
+        if manifest is not None:
+            cls._check_same_models(reader.path, manifest, vae, encoders)
+        num_classes = int(((manifest or {}).get("dataset") or {}).get("num_classes")
+                          or len(getattr(source, "class_names", [])) or 1000)
+        return cls(source, rows, resolution, vae, encoders, num_classes, d.device, manifest, flip)
+
+    @staticmethod
+    def _load_encoders(cfg: Any, manifest: dict | None, resolution: int) -> dict:
+        from pipeline.encoders import load_encoder
+        from trainer.train import split_list
+
+        names = split_list(cfg.encoders) or (list((manifest or {}).get("encoders") or {}) or [DEFAULT_ENCODER])
+        if cfg.align == "none":
+            names = []
+        weights: dict[str, str] = {}
+        for item in split_list(cfg.encoder_weights) or []:
+            if "=" in item:
+                k, v = item.split("=", 1)
+                weights[k.strip()] = v.strip()
+            elif len(names) == 1:
+                weights[names[0]] = item
+            else:
+                raise ValueError(f"--encoder-weights {item!r} is ambiguous with encoders {names}; write name=PATH")
+        out = {}
+        for n in names:
+            info = ((manifest or {}).get("encoders") or {}).get(n) or {}
+            conf = info.get("config")
+            tiny = conf == "tiny"
+            extra = conf if isinstance(conf, dict) else None
+            out[n] = load_encoder(n, resolution=resolution, pretrained=n not in weights and not tiny,
+                                  weights=weights.get(n), config="tiny" if tiny else extra)
+        return out
+
+    @staticmethod
+    def _check_same_models(path: Path, manifest: dict, vae: Any, encoders: dict) -> None:
+        """The online models must be the ones the store was built with (weights hashes)."""
+        want = (manifest.get("vae") or {}).get("weights_sha256")
+        if want and hasattr(vae, "weights_sha256") and vae.weights_sha256() != want:
+            raise ValueError(f"--online: VAE {getattr(vae, 'id', '?')} has weights {vae.weights_sha256()[:12]}, "
+                             f"store {path} was built with {want[:12]}")
+        for n, e in encoders.items():
+            info = (manifest.get("encoders") or {}).get(n)
+            if info is None:
+                continue
+            w = info.get("weights_sha256")
+            if w and hasattr(e, "weights_sha256") and e.weights_sha256() != w:
+                raise ValueError(f"--online: encoder {n} has weights {e.weights_sha256()[:12]}, store {path} was "
+                                 f"built with {w[:12]}; pass the same --encoder-weights")
+
+    # -------------------------------------------------------------- use
+
+    def select(self, names: Sequence[str]) -> None:
+        """Run only these encoders, in this order (the order of the alignment targets)."""
+        missing = [n for n in names if n not in self.encoder_models]
+        if missing:
+            raise ValueError(f"--online: encoder(s) {missing} not loaded (have {list(self.encoder_models)})")
+        self.encoders = list(names)
+
+    def manifest_like(self) -> dict:
+        """What LatentNorm and previews read from a manifest."""
+        m = dict(self.manifest or {})
+        m.setdefault("vae", {"id": getattr(self.vae, "id", None),
+                             "scaling_factor": getattr(self.vae, "scaling_factor", 0.18215),
+                             "shift_factor": getattr(self.vae, "shift_factor", 0.0)})
+        return m
+
+    def check(self, model: Any, encoders: Sequence[str]) -> None:
+        from trainer.store_checks import StoreMismatchError
+
+        c2, h, w = self.latent_shape
+        grid = (h // model.patch_size, w // model.patch_size)
+        problems = []
+        if c2 // 2 != model.in_channels or (h, w) != tuple(model.input_size):
+            problems.append(f"VAE latents [{c2 // 2}, {h}, {w}] vs model [{model.in_channels}, "
+                            f"{model.input_size[0]}, {model.input_size[1]}]")
+        for n in encoders:
+            g = tuple(self.encoder_models[n].token_grid)
+            if g != grid:
+                problems.append(f"encoder {n} token grid {g[0]}x{g[1]} vs patch grid {grid[0]}x{grid[1]}")
+        if problems:
+            raise StoreMismatchError("--online: the models do not fit: " + "; ".join(problems))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """uint8 images -> (posterior [b, 2C, h, w] float32, [features [b, T, D] float32 per encoder])."""
+        images = images.to(self.device, non_blocking=self.device.type == "cuda")
+        with _autocast(self.device):
+            mean, std = self.vae.encode(images)
+            feats = [self.encoder_models[n](images)[0].float() for n in self.encoders]
+        return torch.cat([mean.float(), std.float()], dim=1), feats
+
+    def batches(self, spec: LoaderSpec, steps: int, state: dict | None, num_workers: int) -> OnlineBatches:
+        return OnlineBatches(self, spec, steps, state, num_workers)
