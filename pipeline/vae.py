@@ -155,8 +155,10 @@ def _tiny_vae(seed: int) -> nn.Module:
 
 def load_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", *,
              device: str | torch.device | None = None,
-             dtype: torch.dtype = torch.float32) -> VaeEncoder:
+             dtype: torch.dtype = torch.float32, local_files_only: bool = False) -> VaeEncoder:
     """Load a VAE by hub id / alias, local folder, or ``"tiny[:seed]"`` (see module doc).
+
+    ``local_files_only=True`` never touches the network: a hub id must already be in the hub cache.
 
     Hub loading goes through ``AutoencoderKL.from_pretrained`` and needs the hub or a filled
     hub cache; a failure is re-raised with the id and the alternatives in the message.
@@ -186,7 +188,7 @@ def load_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", *,
             vae_id = VAE_ALIASES.get(name, name)
             source = vae_id
         try:
-            vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only)
         except Exception as exc:
             raise RuntimeError(
                 f"could not load VAE {name!r} ({source}) with diffusers AutoencoderKL.from_pretrained: "

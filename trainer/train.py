@@ -715,29 +715,9 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
 def load_vae_offline(vae_id: str, device: torch.device | str = "cpu"):
     """``pipeline.vae.load_vae`` without touching the network: "tiny", a local folder, or a hub id
     already in the local hub cache; anything else raises at once (no download, no retries)."""
-    from pipeline.vae import VAE_ALIASES, load_vae
+    from pipeline.vae import load_vae
 
-    if not (vae_id == "tiny" or vae_id.startswith("tiny:") or Path(vae_id).expanduser().exists()):
-        repo = VAE_ALIASES.get(vae_id, vae_id)
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            cached = try_to_load_from_cache(repo, "config.json")
-        except Exception:  # noqa: BLE001 - malformed id etc.
-            cached = None
-        if not isinstance(cached, str):
-            raise RuntimeError(f"VAE {vae_id!r} is neither 'tiny', a local folder, nor in the local hub cache")
-        import huggingface_hub.constants as hf_constants
-        old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
-        os.environ["HF_HUB_OFFLINE"], hf_constants.HF_HUB_OFFLINE = "1", True
-        try:
-            return load_vae(vae_id, device=device)
-        finally:
-            hf_constants.HF_HUB_OFFLINE = old_flag
-            if old_env is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old_env
-    return load_vae(vae_id, device=device)
+    return load_vae(vae_id, device=device, local_files_only=True)
 
 
 class _PreviewSampler:
