@@ -236,6 +236,18 @@ def _encoder_loss_sum(proj: nn.Module, h: torch.Tensor, z: torch.Tensor, spatial
     return -(p * zt).sum(dim=-1).mean(dim=1).sum()
 
 
+_COMPILED_LOSS_SUM = None
+
+
+def _compiled_encoder_loss_sum():
+    """``_encoder_loss_sum`` through torch.compile (built once): on CUDA, inductor fuses the
+    spatial norm, both L2 normalisations and the cosine reduction into a few kernels."""
+    global _COMPILED_LOSS_SUM
+    if _COMPILED_LOSS_SUM is None:
+        _COMPILED_LOSS_SUM = torch.compile(_encoder_loss_sum, dynamic=None)
+    return _COMPILED_LOSS_SUM
+
+
 def alignment_loss_reference(
     projectors: Sequence[nn.Module], h: torch.Tensor, targets: Sequence[torch.Tensor], config: AlignConfig
 ) -> dict[str, torch.Tensor]:
@@ -267,8 +279,8 @@ class _FusedAlignment(torch.autograd.Function):
         with torch.no_grad():
             for k, (proj, z) in enumerate(zip(spec["projectors"], targets)):
                 for s in range(0, B, spec["chunk"]):
-                    out[k] += _encoder_loss_sum(proj, h[s:s + spec["chunk"]], z[s:s + spec["chunk"]],
-                                                spec["spatial_norm"], spec["gamma"])
+                    out[k] += spec["loss_sum"](proj, h[s:s + spec["chunk"]], z[s:s + spec["chunk"]],
+                                               spec["spatial_norm"], spec["gamma"])
         out /= B
         dev = h.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cuda", "cpu") else None
@@ -300,8 +312,8 @@ class _FusedAlignment(torch.autograd.Function):
                 for s in range(0, B, spec["chunk"]):
                     with torch.enable_grad(), autocast:
                         hc = h[s:s + spec["chunk"]].detach().requires_grad_(need_h)
-                        loss = _encoder_loss_sum(spec["projectors"][k], hc, targets[k][s:s + spec["chunk"]],
-                                                 spec["spatial_norm"], spec["gamma"])
+                        loss = spec["loss_sum"](spec["projectors"][k], hc, targets[k][s:s + spec["chunk"]],
+                                                spec["spatial_norm"], spec["gamma"])
                         inputs = ([hc] if need_h else []) + [params[i] for i in wanted]
                         grads = torch.autograd.grad(loss, inputs, grad_outputs=gk.to(loss.dtype), allow_unused=True)
                     if need_h:
@@ -329,12 +341,14 @@ class AlignmentLoss(nn.Module):
     The projectors stay owned by the model (not registered here, so state dicts and
     optimizers see them once). ``fused=True`` uses the recomputing autograd Function;
     ``chunk_size`` images are processed at a time (default: a quarter of the batch).
+    ``compile`` runs each chunk's projection + normalisation + loss through ``torch.compile``
+    (default: on CUDA tensors only; the eager path is the reference it is tested against).
     When wrapping the model in DDP, keep ``find_unused_parameters=False``: the projector
     parameters receive gradients through this loss, outside the model's forward.
     """
 
     def __init__(self, projectors: Sequence[nn.Module], config: AlignConfig, fused: bool = True,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, compile: bool | None = None):
         super().__init__()
         self._projectors = list(projectors)  # plain list: deliberately not registered
         self.config = config
@@ -342,6 +356,7 @@ class AlignmentLoss(nn.Module):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
         self.chunk_size = chunk_size
+        self.compile = compile
 
     @property
     def coeff(self) -> float:
@@ -354,8 +369,10 @@ class AlignmentLoss(nn.Module):
         B = h.shape[0]
         chunk = self.chunk_size or max(1, math.ceil(B / 4))
         params = [list(p.parameters()) for p in self._projectors]
+        compiled = h.is_cuda if self.compile is None else self.compile
         spec = dict(projectors=self._projectors, params=params, chunk=chunk,
-                    spatial_norm=self.config.spatial_norm, gamma=self.config.gamma)
+                    spatial_norm=self.config.spatial_norm, gamma=self.config.gamma,
+                    loss_sum=_compiled_encoder_loss_sum() if compiled else _encoder_loss_sum)
         flat = [p for ps in params for p in ps]
         per = _FusedAlignment.apply(spec, h, *[z.detach() for z in targets], *flat)
         loss = per.mean()
