@@ -124,8 +124,29 @@ def metrics(*stores: str, limit: int = 4096, out: str = "metrics", fid: str | No
 COMMANDS = {"build": build, "inspect": inspect, "verify": verify, "metrics": metrics}
 
 
+def run_fire(component, name: str, command: list[str] | None = None) -> None:
+    """fire.Fire, with user errors (bad store, bad data, bad flag value) printed as one line and
+    exit status 2 instead of a traceback; IREPA_DEBUG=1 shows the traceback."""
+    from stores import StoreError
+
+    user_errors: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError)
+    try:
+        from trainer.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        fire.Fire(component, command=command, name=name)
+    except user_errors as err:
+        if os.environ.get("IREPA_DEBUG"):
+            raise
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
-    fire.Fire(COMMANDS, name="irepa-cache")
+    run_fire(COMMANDS, "irepa-cache")
 
 
 if __name__ == "__main__":

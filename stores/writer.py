@@ -151,7 +151,7 @@ class StoreWriter:
         elif mpath.exists():
             if not resume:
                 raise StoreError(
-                    f"store {path} already exists; resume it (resume=True) or delete it (overwrite=True)"
+                    f"store {path} already exists; resume it (irepa-cache build --resume, the default) or delete the folder first"
                 )
             existing = read_manifest(path)
             diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED]

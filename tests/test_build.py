@@ -297,3 +297,19 @@ def test_cli_help_and_demo_defaults(tmp_path):
     store = open_store(out)
     assert len(store) == 10 and store.manifest["vae"]["id"] == "tiny"
     assert store.manifest["dataset"]["class_names"] == ["animals", "people", "things"]
+
+
+def test_cli_user_errors_are_one_line_with_exit_2(zarr_store, tmp_path, capsys):
+    from pipeline.cli import COMMANDS, run_fire
+
+    before = _tree_bytes(zarr_store)
+    with pytest.raises(SystemExit) as exc:
+        run_fire(COMMANDS, "irepa-cache", ["build", "--out", str(zarr_store), "--noresume"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("irepa-cache: error: store ") and "already exists" in err and "Traceback" not in err
+    assert _tree_bytes(zarr_store) == before  # nothing already written is touched
+    with pytest.raises(SystemExit) as exc:
+        run_fire(COMMANDS, "irepa-cache", ["build", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "missing': no such file or directory" in capsys.readouterr().err

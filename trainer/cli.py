@@ -355,16 +355,16 @@ def _atomic_npz(path: Path, **arrays: Any) -> None:
 
 def main() -> None:
     """Console entry point of ``irepa-train``."""
-    import fire
+    from pipeline.cli import run_fire
 
-    fire.Fire(train, name="irepa-train")
+    run_fire(train, "irepa-train")
 
 
 def sample_main() -> None:
     """Console entry point of ``irepa-sample``."""
-    import fire
+    from pipeline.cli import run_fire
 
-    fire.Fire(sample, name="irepa-sample")
+    run_fire(sample, "irepa-sample")
 
 
 if __name__ == "__main__":
