@@ -93,8 +93,9 @@ def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -
     return batches
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def _autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32"."""
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -152,11 +153,12 @@ def _encode_batch(
     device: torch.device,
     with_cls: bool,
     prefix: str = "",
+    precision: str = "bf16",
 ) -> dict[str, np.ndarray]:
     """Run the VAE and every encoder on one uint8 batch; float32 numpy arrays keyed by store name."""
     out: dict[str, np.ndarray] = {}
     images = images.to(device, non_blocking=True)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, precision):
         if vae is not None:
             mean, std = vae.encode(images)
             out[prefix + "latents"] = torch.cat([mean, std], dim=1).float().cpu().numpy()
@@ -214,6 +216,7 @@ def build_store(
     num_workers: int = 4,
     resume: bool = True,
     device: str | None = None,
+    precision: str = "bf16",
     progress: bool = True,
 ) -> Path:
     """Build (or finish) a store; returns its path. See `pipeline.cli.build` for the flags."""
@@ -233,6 +236,8 @@ def build_store(
         raise ValueError(f"--format must be zarr or wds, not {format!r}")
     if feature_dtype not in ("float16", "int8"):
         raise ValueError(f"--feature-dtype must be float16 or int8, not {feature_dtype!r}")
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be bf16 or fp32, not {precision!r}")
     if resolution % 16:
         raise ValueError(f"--resolution {resolution} is not a multiple of 16")
 
@@ -329,6 +334,7 @@ def build_store(
             "format": format,
             "shard_size": shard_size,
             "batch_size": batch_size,
+            "precision": precision if dev.type == "cuda" else "fp32",
         },
     }
 
@@ -368,10 +374,11 @@ def build_store(
         outputs: dict[str, np.ndarray] = {}
         if ok.any():
             good_images = batch["image"][torch.from_numpy(ok)]
-            outputs = _encode_batch(good_images, vae_model, encoders, dev, cls)
+            outputs = _encode_batch(good_images, vae_model, encoders, dev, cls, precision=precision)
             if flip:
                 outputs.update(
-                    _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, cls, prefix="flip/")
+                    _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, cls,
+                                  prefix="flip/", precision=precision)
                 )
         acc.add(shard, rows, ok, outputs, skipped)
         bar.update(len(rows))
