@@ -6,13 +6,14 @@ with exactly the bytes of one that was not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from .errors import StoreError
 
@@ -83,21 +84,32 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes under a temporary name, fsync, rename over `path`, fsync the directory."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, tmp: Path | None = None,
+                sync_dir: bool = True) -> Iterator[BinaryIO]:
+    """Write `path` atomically: yield a file opened on a temporary sibling (`tmp`, default
+    `temp_name(path)`); on success fsync it, rename it over `path` and fsync the directory.
+    On any error the temporary is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    tmp = tmp or temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes under a temporary name, fsync, rename over `path`, fsync the directory."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def dumps_json(obj: Any) -> bytes:

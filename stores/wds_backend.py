@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import StoreError
-from .manifest import PARTIAL_SUFFIX, fsync_dir, sha256_file
+from .manifest import PARTIAL_SUFFIX, atomic_open, sha256_file
 
 KEY_WIDTH = 9
 
@@ -84,29 +84,21 @@ def write_shard(root: Path, shard: int, rows: range, data: dict[str, np.ndarray]
     tmp = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     suffixes = {name: member_suffix(name, members) for name in data}
     order = sorted(data, key=lambda n: suffixes[n])
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for i, row in enumerate(rows):
-                    if not valid[i]:
-                        continue
-                    key = sample_key(row)
-                    for name in order:
-                        v = data[name][i]
-                        if name == "labels":
-                            b = str(int(v)).encode("ascii")
-                        elif name == "keys":
-                            b = str(v).encode("utf-8")
-                        else:
-                            b = _npy_bytes(v)
-                        tar.addfile(_tarinfo(f"{key}.{suffixes[name]}", len(b)), io.BytesIO(b))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(root)
+    with atomic_open(final, tmp=tmp) as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for i, row in enumerate(rows):
+                if not valid[i]:
+                    continue
+                key = sample_key(row)
+                for name in order:
+                    v = data[name][i]
+                    if name == "labels":
+                        b = str(int(v)).encode("ascii")
+                    elif name == "keys":
+                        b = str(v).encode("utf-8")
+                    else:
+                        b = _npy_bytes(v)
+                    tar.addfile(_tarinfo(f"{key}.{suffixes[name]}", len(b)), io.BytesIO(b))
     return {final.name: sha256_file(final)}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import StoreError
 from .layout import StoreLayout
-from .manifest import PARTIAL_SUFFIX, fsync_dir, fsync_file, sha256_file
+from .manifest import PARTIAL_SUFFIX, atomic_open, fsync_dir, fsync_file, sha256_file
 
 _FILL = {"labels": -1, "keys": ""}
 
@@ -158,20 +158,12 @@ def write_shard_file(path: Path, data: np.ndarray, shard_rows: int) -> str | Non
     parts = encode_shard(data, shard_rows)
     if parts is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for p in parts:
-                h.update(p)
-                f.write(p)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # the caller fsyncs the shard's directories once for all arrays
+    with atomic_open(path, tmp=path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}"), sync_dir=False) as f:
+        for p in parts:
+            h.update(p)
+            f.write(p)
     return h.hexdigest()
 
 

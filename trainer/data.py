@@ -162,7 +162,30 @@ def _select_features(features: dict, encoders: Sequence[str]) -> dict:
     return {e: features[e] for e in encoders}
 
 
-class StoreBatches(Dataset):
+class _LazyStore:
+    """A store opened lazily, once per process: DataLoader workers get a copy without the open
+    reader (``__getstate__``) and reopen the store themselves. Needs ``path``, ``_opener``, ``_reader``."""
+
+    path: Path
+    _opener: Callable[[Path], Any] | None
+    _reader: Any
+
+    def reader(self):
+        if self._reader is None:
+            if self._opener is not None:
+                self._reader = self._opener(self.path)
+            else:
+                from stores import open_store
+                self._reader = open_store(self.path)
+        return self._reader
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_reader"] = None
+        return d
+
+
+class StoreBatches(_LazyStore, Dataset):
     """Map-style dataset whose item ``j`` is this rank's micro-batch ``j`` of a zarr store, read
     with one ``get_batch`` call (inside a DataLoader worker). The store opens lazily per process."""
 
@@ -174,20 +197,6 @@ class StoreBatches(Dataset):
 
     def __len__(self) -> int:
         return self.length
-
-    def reader(self):
-        if self._reader is None:
-            if self._opener is not None:
-                self._reader = self._opener(self.path)
-            else:
-                from stores import open_store
-                self._reader = open_store(self.path)
-        return self._reader
-
-    def __getstate__(self):  # workers reopen the store themselves
-        d = dict(self.__dict__)
-        d["_reader"] = None
-        return d
 
     def __getitem__(self, j: int) -> dict:
         idx, flip = self.order.batch(j)
@@ -241,7 +250,7 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool) ->
     }
 
 
-class WdsStreams(IterableDataset):
+class WdsStreams(_LazyStore, IterableDataset):
     """This rank's webdataset streams, as an endless iterator of micro-batches.
 
     ``consumed[s]`` samples of stream ``s`` were used before this loader started; ``rotation`` is
@@ -262,20 +271,6 @@ class WdsStreams(IterableDataset):
         self._reader = None
         if len(self.consumed) != self.num_streams:
             raise ValueError(f"consumed has {len(self.consumed)} entries for {self.num_streams} streams")
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_reader"] = None
-        return d
-
-    def reader(self):
-        if self._reader is None:
-            if self._opener is not None:
-                self._reader = self._opener(self.path)
-            else:
-                from stores import open_store
-                self._reader = open_store(self.path)
-        return self._reader
 
     def stream_shards(self, stream: int, epoch: int) -> list[int]:
         """Shards read by ``stream`` of this rank in ``epoch``, in reading order."""
