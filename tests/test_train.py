@@ -293,3 +293,15 @@ def test_sample_grid_png_every_n_steps_or_a_log_line(tmp_path, store, capsys):
     run(cfg(cache=str(store), steps=2, sample_every=1, out=str(tmp_path / "b")))  # VAE "synthetic": not loadable
     assert "sample previews off" in capsys.readouterr().out
     assert not (tmp_path / "b" / "samples").exists()
+
+
+def test_plain_alignment_flag_matches_fused(store, tmp_path):
+    """--nofused_align (plain composition) trains to the same losses as the fused module."""
+    for fused in (True, False):
+        run(cfg(cache=str(store), out=str(tmp_path / f"fused{fused}"), fused_align=fused))
+    a, b = metrics(tmp_path / "fusedTrue"), metrics(tmp_path / "fusedFalse")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["align_loss"] != 0
+        np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-5)
+        np.testing.assert_allclose(x["align_loss"], y["align_loss"], rtol=1e-5)

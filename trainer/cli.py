@@ -54,6 +54,7 @@ def train(
     grad_clip: float = 1.0,
     qk_norm: bool = False,
     attn: str = "sdpa",
+    fused_align: bool = True,
     hidden_size: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
@@ -111,6 +112,8 @@ def train(
         grad_clip: gradient-norm clip (0 = off).
         qk_norm: LayerNorm on queries and keys.
         attn: sdpa | xformers | math.
+        fused_align: fused alignment loss (recomputes in backward: less memory, ~1.3x the
+            alignment head's time); --nofused_align uses the plain composition.
         hidden_size: tiny-model override (tests, demo).
         depth: tiny-model override.
         num_heads: tiny-model override.
@@ -137,7 +140,7 @@ def train(
         resolution=int(resolution), resume=resume, init_from=init_from, num_workers=int(num_workers),
         latent_norm=latent_norm, time_sampler=time_sampler, path_type=path_type, device=device,
         precision=precision, class_dropout=float(class_dropout), grad_clip=float(grad_clip), qk_norm=bool(qk_norm),
-        attn=attn, hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
+        attn=attn, fused_align=bool(fused_align), hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
         verify=bool(verify), shuffle_buffer=int(shuffle_buffer), sample_n=int(sample_n),
         sample_steps=int(sample_steps), sample_method=sample_method, sample_cfg=float(sample_cfg),
         tensorboard=bool(tensorboard), progress=bool(progress))

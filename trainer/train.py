@@ -99,6 +99,7 @@ class TrainConfig:
     class_dropout: float = 0.1
     qk_norm: bool = False
     attn: str = "sdpa"
+    fused_align: bool = True
     hidden_size: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -566,7 +567,7 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
 
     ema = copy.deepcopy(model).requires_grad_(False)
     fm = FlowMatching(cfg.path_type, cfg.time_sampler)
-    align = AlignmentLoss(model.projectors, align_cfg) if use_align else None
+    align = AlignmentLoss(model.projectors, align_cfg, fused=cfg.fused_align) if use_align else None
     amp = torch.bfloat16 if (d.device.type == "cuda" and cfg.precision == "bf16") else None
     objective = Objective(model, fm, align, align_cfg.coeff if use_align else 0.0, amp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
