@@ -1,0 +1,271 @@
+"""Benchmark 1: one training step from the cache vs online encoding vs no alignment.
+
+The step is the trainer's own (``trainer.train``: ``StepDraws``, ``sample_posterior``,
+``LatentNorm``, ``Objective`` with ``AlignmentLoss``, AdamW, grad-norm clip, EMA update), on one
+model instance, one batch size and one loss, with three input paths:
+
+* ``no-align``  plain SiT: latents from the store, ``Objective`` without alignment (projector
+  parameters get no gradient), what training without REPA costs;
+* ``cached``    latents and encoder features from a store: one batch read through the trainer's
+  loader (``trainer.data.StoreLoader`` over a zarr store written by ``stores``), copied to the
+  device every step as ``CacheSource`` does;
+* ``online``    ADM-cropped uint8 images copied to the device, then the VAE and the encoder run
+  every step (``trainer.online.OnlineSource.encode``, the trainer's ``--online``).
+
+Image decoding is left out of ``online`` (DataLoader workers do it; see ``bench.build`` for its
+rate) and reading is left out of ``cached`` (see ``bench.loader``). Rows ``online: VAE`` and
+``online: encoder`` time the two halves of the online encode alone: the profile of where the
+online step's extra time goes. Models are random-initialised at real sizes (SD-VAE from its
+config, timm encoders with ``pretrained=False``): timing needs shapes, not weights. On CUDA the
+step runs under bf16 autocast, as ``irepa-train`` does by default.
+
+    python -m bench.train_step                 # CPU-sized: SiT-S/2, 128 px, SD-VAE, DINOv2-B, batch 2
+    python -m bench.train_step --real          # SiT-B/2 + SiT-XL/2 x DINOv2-B + SigLIP-B, 256 px, batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import (add_common_args, count_flops, fmt_bytes, fmt_s, make_vae, peak_memory, print_ratios,
+                          print_table, sample_images, setup, time_interleaved, write_json)
+
+SIZES = {
+    # models [(name, overrides)], resolution, batch, vae kind, encoders, encoder config
+    "smoke": dict(models=[("SiT-S/2", dict(hidden_size=32, depth=2, num_heads=2))], resolution=64, batch=2,
+                  vae="tiny", encoders=["dinov2-vit-b"], encoder_config="tiny"),
+    "cpu": dict(models=[("SiT-S/2", {})], resolution=128, batch=2, vae="sd-random",
+                encoders=["dinov2-vit-b"], encoder_config=None),
+    "real": dict(models=[("SiT-B/2", {}), ("SiT-XL/2", {})], resolution=256, batch=64, vae="sd-random",
+                 encoders=["dinov2-vit-b", "siglip-vit-b"], encoder_config=None),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", action="store_true", help="real sizes (GPU): SiT-B/2, SiT-XL/2, 256 px, batch 64")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 2 CPU / 64 real)")
+    p.add_argument("--models", default=None, help="comma list of SiT names to run (default: per size)")
+    p.add_argument("--encoders", default=None, help="comma list of encoder names (default: per size)")
+    p.add_argument("--align", default="irepa", help="alignment preset for cached/online (default irepa)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="CUDA autocast (default bf16)")
+    add_common_args(p, repeats=5, warmup=2)
+    return p.parse_args(argv)
+
+
+def cached_batch(work: Path, size: dict, batch: int, enc_dim: int, enc: str) -> dict:
+    """One batch as the trainer's loader delivers it, from a real zarr store of ``batch`` samples."""
+    from stores.testing import make_synthetic_store
+    from trainer.data import LoaderSpec, StoreLoader
+
+    R = size["resolution"]
+    grid = (R // 16, R // 16)
+    path = make_synthetic_store(work / f"store-{enc}", num_samples=batch, encoders={enc: enc_dim}, grid=grid,
+                                latent_channels=4, shard_size=batch, num_classes=1000)
+    from stores import open_store
+
+    reader = open_store(path)
+    loader = StoreLoader(path, kind="index", num_samples=len(reader), spec=LoaderSpec(global_batch=batch),
+                         encoders=[enc], steps=1, num_workers=0)
+    b = next(iter(loader))
+    return b
+
+
+def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch: int, dev: torch.device,
+              args, work: Path, vae) -> dict:
+    from pipeline.encoders import load_encoder
+    from trainer.align import AlignmentLoss, resolve_align
+    from trainer.data import LatentNorm, sample_posterior
+    from trainer.loss import FlowMatching
+    from trainer.models import build_sit
+    from trainer.online import OnlineSource
+    from trainer.train import Objective, StepDraws, update_ema
+
+    R = size["resolution"]
+    enc = load_encoder(enc_name, resolution=R, pretrained=False, config=size["encoder_config"]).eval().to(dev)
+    align_cfg = resolve_align(args.align)
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = build_sit(model_name, input_size=R // 8, in_channels=4, num_classes=1000,
+                          encoder_depth=align_cfg.encoder_depth, z_dims=[enc.dim], projector=align_cfg.projector,
+                          projector_kernel=align_cfg.kernel, projector_dim=align_cfg.projector_dim, **overrides)
+    model.train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    fm = FlowMatching("linear", "uniform")
+    amp = torch.bfloat16 if (dev.type == "cuda" and args.precision == "bf16") else None
+    objectives = {
+        "aligned": Objective(model, fm, AlignmentLoss(model.projectors, align_cfg), align_cfg.coeff, amp),
+        "plain": Objective(model, fm, None, 0.0, amp),
+    }
+    latent_norm = LatentNorm("sd", 0.18215, 0.0)
+    draws = StepDraws(0, fm, (4, R // 8, R // 8), 0.1, dev)
+
+    host = cached_batch(work, size, batch, enc.dim, enc_name)
+    images = sample_images(R, batch)
+    labels = host["label"]
+    if dev.type == "cuda":
+        host = {"latents": host["latents"].pin_memory(), "label": labels.pin_memory(),
+                "features": {k: v.pin_memory() for k, v in host["features"].items()}}
+        images = images.pin_memory()
+    online = OnlineSource(None, np.arange(batch), R, vae, {enc_name: enc}, 1000, dev, None, False)
+    nb = dev.type == "cuda"
+
+    def from_cache(with_features: bool) -> dict:
+        return {"latents": host["latents"].to(dev, non_blocking=nb),
+                "features": [host["features"][enc_name].to(dev, non_blocking=nb)] if with_features else [],
+                "label": host["label"].to(dev, non_blocking=nb)}
+
+    def from_images() -> dict:
+        lat, feats = online.encode(images)
+        return {"latents": lat, "features": feats, "label": labels.to(dev, non_blocking=nb)}
+
+    counter = [0]
+
+    def step(objective, get_batch) -> None:
+        b = get_batch()
+        g = draws.draw(counter[0], batch)
+        counter[0] += 1
+        opt.zero_grad(set_to_none=True)
+        x = latent_norm.normalize(sample_posterior(b["latents"].float(), g["post"]))
+        res = objective(x, g["t"], g["eps"], b["label"], g["drop"], b["features"])
+        res["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, model, 0.9999)
+
+    def amp_ctx():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def vae_only():
+        with torch.no_grad(), amp_ctx():
+            vae.encode(images.to(dev, non_blocking=nb))
+
+    def enc_only():
+        with torch.no_grad(), amp_ctx():
+            enc(images.to(dev, non_blocking=nb))
+
+    fns = {
+        "no-align": lambda: step(objectives["plain"], lambda: from_cache(False)),
+        "cached": lambda: step(objectives["aligned"], lambda: from_cache(True)),
+        "online": lambda: step(objectives["aligned"], from_images),
+        "online: VAE": vae_only,
+        "online: encoder": enc_only,
+    }
+    t = time_interleaved(fns, dev, args.warmup, args.repeats)
+    peaks = {}
+    if dev.type == "cuda":
+        for k in ("no-align", "cached", "online"):
+            peaks[k] = peak_memory(fns[k], dev)[0]
+    one = images[:1].to(dev)
+    flops = {"vae": count_flops(lambda: vae_only_one(vae, one, dev)),
+             "encoder": count_flops(lambda: enc(one))}
+    flops.update({f"step {k}": v for k, v in step_flops(model_name, overrides, R, enc.dim, align_cfg).items()})
+    del model, ema, opt, objectives, online
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(model=model_name, encoder=enc_name, batch=batch, times={k: v.median for k, v in t.items()},
+                spread={k: v.spread for k, v in t.items()}, peaks=peaks, flops_per_image=flops)
+
+
+def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) -> dict[str, int]:
+    """FLOPs of one image's training forward+backward with and without alignment, counted on
+    the meta device (no memory, no time): the floor of the alignment overhead ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.align import AlignmentLoss
+    from trainer.loss import FlowMatching
+    from trainer.models import build_sit
+    from trainer.train import Objective
+
+    out = {}
+    with torch.device("meta"):
+        model = build_sit(model_name, input_size=R // 8, in_channels=4, num_classes=1000,
+                          encoder_depth=align_cfg.encoder_depth, z_dims=[z_dim], projector=align_cfg.projector,
+                          projector_kernel=align_cfg.kernel, projector_dim=align_cfg.projector_dim, **overrides)
+        x, eps = torch.randn(2, 4, R // 8, R // 8), torch.randn(2, 4, R // 8, R // 8)
+        t, y, drop = torch.rand(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
+        z = torch.randn(2, (R // 16) ** 2, z_dim)
+    fm = FlowMatching()
+    # FlopCounterMode cannot follow the fused Function's recompute inside backward, so the
+    # plain composition is counted and the fused one adds one more projector forward.
+    for name, align in (("no-align", None), ("cached plain", AlignmentLoss(model.projectors, align_cfg, fused=False))):
+        obj = Objective(model, fm, align, align_cfg.coeff if align else 0.0, None)
+        with FlopCounterMode(display=False) as fc:
+            obj(x, t, eps, y, drop, [z] if align else [])["loss"].backward()
+        out[name] = fc.get_total_flops() // 2
+    with torch.device("meta"):
+        h = torch.randn(2, (R // 16) ** 2, model.hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.projectors[0](h)
+    out["cached"] = out["cached plain"] + fc.get_total_flops() // 2
+    return out
+
+
+def vae_only_one(vae, img, dev):
+    with torch.no_grad():
+        vae.encode(img)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    dev = setup(args)
+    size_name = "smoke" if args.smoke else ("real" if args.real else "cpu")
+    size = dict(SIZES[size_name])
+    batch = args.batch or size["batch"]
+    models = size["models"]
+    if args.models:
+        want = [m.strip() for m in args.models.split(",")]
+        models = [(m, dict(next((o for n, o in models if n == m), {}))) for m in want]
+    encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else size["encoders"]
+    prec = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
+    print(f"# sizes: {size_name}; {size['resolution']} px, batch {batch}, VAE {size['vae']}, align {args.align}, "
+          f"{prec}; median of {args.repeats} interleaved steps after {args.warmup} warm-up")
+    vae = make_vae(size["vae"]).eval().to(dev)
+    work = Path(tempfile.mkdtemp(prefix="irepa-bench-step-"))
+    records, rows, ratios = [], [], []
+    try:
+        for model_name, overrides in models:
+            for enc_name in encoders:
+                r = run_combo(model_name, overrides, enc_name, size, batch, dev, args, work, vae)
+                records.append(r)
+                tm = r["times"]
+                for k in ("no-align", "cached", "online", "online: VAE", "online: encoder"):
+                    rows.append([model_name, enc_name, k, fmt_s(tm[k]), f"{batch / tm[k]:.1f}",
+                                 f"{r['spread'][k]:.2f}", fmt_bytes(r["peaks"][k]) if k in r["peaks"] else "n/a"])
+                tag = f"{model_name} + {enc_name}"
+                ratios += [
+                    (f"{tag}: online/cached step time", tm["online"] / tm["cached"], "goal >= 1.5 on GPU for SiT-B/2 + DINOv2-B"),
+                    (f"{tag}: cached/no-align step time", tm["cached"] / tm["no-align"], "alignment overhead; goal <= 1.05"),
+                    (f"{tag}: FLOPs cached/no-align", r["flops_per_image"]["step cached"] / r["flops_per_image"]["step no-align"],
+                     "floor of the alignment overhead (fused: + one projector forward)"),
+                    (f"{tag}: (VAE + encoder)/online", (tm["online: VAE"] + tm["online: encoder"]) / tm["online"],
+                     "share of the online step spent encoding"),
+                ]
+        print_table(["model", "encoder", "input path", "step", "img/s", "spread", "peak mem"], rows,
+                    title="Train step: cached vs online vs no alignment")
+        for r in records:
+            f = r["flops_per_image"]
+            print(f"FLOPs per image: {r['model']} step {f['step no-align'] / 1e9:.1f} G (no align), "
+                  f"{f['step cached'] / 1e9:.1f} G ({args.align}); VAE encode {f['vae'] / 1e9:.1f} G; "
+                  f"{r['encoder']} {f['encoder'] / 1e9:.1f} G")
+        print(f"at {size['resolution']} px. spread: (max - min) / median of the repeats. "
+              "peak mem: cuda allocator peak of one step above the resident model and optimizer (GPU only).")
+        print_ratios(ratios)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    payload = dict(bench="train_step", size=size_name, device=str(dev), records=records)
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
