@@ -355,7 +355,7 @@ def build_store(
     loader = DataLoader(
         DecodeDataset(source, resolution),
         batch_sampler=batches,
-        num_workers=num_workers,
+        num_workers=min(num_workers, len(batches)),
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )

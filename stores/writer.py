@@ -32,6 +32,9 @@ INFO_KEYS = ("dataset", "image", "vae", "encoders", "build_args", "latents_from"
 # Fields a resumed build may differ in without changing what the shards hold; the stored values win.
 _RESUME_IGNORED = {"state", "num_samples", "latent_stats", "shards", "skipped", "build_args",
                    "package_version", "meta_files"}
+# where the data lives may change between a crash and the rerun (a remount, a copy to local disk);
+# what it is, is pinned by the dataset fingerprint
+_RESUME_IGNORED_PATHS = ("dataset.source", "dataset.root", "dataset.shards", "dataset.list_file")
 
 
 def labels_fingerprint(labels: np.ndarray) -> str:
@@ -154,7 +157,8 @@ class StoreWriter:
                     f"store {path} already exists; resume it (irepa-cache build --resume, the default) or delete the folder first"
                 )
             existing = read_manifest(path)
-            diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED]
+            diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED
+                     and not d.startswith(_RESUME_IGNORED_PATHS)]
             if diffs:
                 lines = [f"  {d}: store has {_short(_lookup(existing, d))}, this build has "
                          f"{_short(_lookup(expected, d))}" for d in diffs[:12]]

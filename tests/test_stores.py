@@ -335,6 +335,12 @@ def test_resume_with_a_different_build_names_the_differences(tmp_path):
     # build_args may differ (e.g. batch size): the stored ones are kept
     w = StoreWriter.open(tmp_path / "s", "zarr", layout, keys, labels, {**INFO, "build_args": {"batch_size": 8}})
     assert w.pending_shards() == [1, 2]
+    # so may where the data lives (a remount): the fingerprint pins what it is
+    moved = {**INFO, "dataset": {**INFO["dataset"], "source": "/mnt/elsewhere/train", "root": "/mnt/elsewhere/train"}}
+    assert StoreWriter.open(tmp_path / "s", "zarr", layout, keys, labels, moved).pending_shards() == [1, 2]
+    with pytest.raises(StoreError, match="dataset.num_classes"):
+        StoreWriter.open(tmp_path / "s", "zarr", layout, keys, labels,
+                         {**INFO, "dataset": {**INFO["dataset"], "num_classes": 999}})
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
