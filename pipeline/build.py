@@ -94,7 +94,8 @@ def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -
 
 
 def _autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32"."""
+    """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32".
+    The VAE opts out of autocast itself (``VaeEncoder.encode`` runs fp32)."""
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -56,8 +56,9 @@ def build(
         num_workers: image-decoding DataLoader workers.
         resume: finish an interrupted build in place (default); --noresume refuses an existing store.
         device: torch device (default cuda:LOCAL_RANK when available, else cpu).
-        precision: bf16 (autocast on CUDA, the default) or fp32 (reference-exact latents and
-            features at 2-3x the GPU time). CPU builds always run fp32.
+        precision: encoder precision on CUDA: bf16 autocast (the default; REPA runs its encoders
+            under autocast too) or fp32. The VAE always runs fp32, as REPA's preprocessing does.
+            CPU builds run fp32 throughout.
     """
     from .build import build_store
     from stores import describe_store, format_description

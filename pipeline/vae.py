@@ -105,6 +105,8 @@ class VaeEncoder(nn.Module):
 
         Pixels map to [-1, 1] as ``x / 127.5 - 1``; mean and std are the diagonal Gaussian
         posterior's (std = exp(0.5 * logvar), logvar clamped to [-30, 20] by diffusers).
+        Runs in the VAE's own dtype (fp32 by default) even inside an autocast region, as REPA's
+        preprocessing does: bf16 would perturb the mean by about as much as the posterior std.
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -114,20 +116,23 @@ class VaeEncoder(nn.Module):
         if h % self.downsample or w % self.downsample:
             raise ValueError(f"VAE {self.id}: image size {h}x{w} is not divisible by {self.downsample}")
         x = images.to(self.device, torch.float32) / 127.5 - 1.0
-        dist = self.vae.encode(x.to(self.dtype)).latent_dist
+        with torch.autocast(self.device.type, enabled=False):
+            dist = self.vae.encode(x.to(self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, to_uint8: bool = True) -> torch.Tensor:
         """Unscaled latents [B, C, h, w] (undo ``(z - shift) * scale`` first) -> images.
 
-        Returns uint8 [B, 3, 8h, 8w] (``clamp(127.5 * x + 128, 0, 255)`` truncated, as REPA
-        writes samples) or, with ``to_uint8=False``, float32 in about [-1, 1].
+        Returns uint8 [B, 3, 8h, 8w] as REPA's generate.py writes samples for FID
+        (``clamp(255 * (x + 1) / 2, 0, 255)``, truncated) or, with ``to_uint8=False``, float32
+        in about [-1, 1].
         """
-        x = self.vae.decode(z.to(self.device, self.dtype)).sample.float()
+        with torch.autocast(self.device.type, enabled=False):
+            x = self.vae.decode(z.to(self.device, self.dtype)).sample.float()
         if not to_uint8:
             return x
-        return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+        return torch.clamp(255.0 * (x + 1.0) / 2.0, 0, 255).to(torch.uint8)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(images)

@@ -60,7 +60,25 @@ def test_vae_decode_and_input_checks():
     xf = vae.decode(z, to_uint8=False)
     xu = vae.decode(z)
     assert xf.shape == (1, 3, 32, 32) and xu.dtype == torch.uint8
-    assert torch.equal(xu, torch.clamp(127.5 * xf + 128.0, 0, 255).to(torch.uint8))
+    # REPA's generate.py: clamp(255 * (x + 1) / 2) truncated (not DiT's 127.5 x + 128)
+    ref = np.clip(255.0 * (xf.numpy().astype(np.float64) + 1.0) / 2.0, 0, 255).astype(np.uint8)
+    assert np.abs(xu.numpy().astype(int) - ref.astype(int)).max() <= 1  # float32 vs float64 at .0 edges
+    assert (xu.numpy() == ref).mean() > 0.99
+    edge = vae.decode(torch.zeros(1, 4, 4, 4), to_uint8=False)
+    assert edge.shape == (1, 3, 32, 32)
+
+
+def test_vae_runs_fp32_inside_autocast():
+    """REPA encodes with the VAE in fp32: an autocast region around it must not change a bit."""
+    vae = load_vae("tiny")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = vae.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mean_ac, std_ac = vae.encode(images)
+        z_ac = vae.decode(mean_ac, to_uint8=False)
+    assert mean_ac.dtype == torch.float32
+    assert torch.equal(mean, mean_ac) and torch.equal(std, std_ac)
+    assert torch.equal(z_ac, vae.decode(mean, to_uint8=False))
     with pytest.raises(ValueError, match="expected uint8 images"):
         vae.encode(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="not divisible by 8"):
