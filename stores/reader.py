@@ -1,15 +1,15 @@
 """StoreReader: one reading interface over zarr and webdataset stores.
 
 Sample index i in [0, len(store)) is the i-th valid row (skipped inputs excluded). Features come
-back as float32 (int8 stores are dequantised), latents as float32 [2C, h, w]. A store built with
-`--latents-from` reads its latents from the store its manifest points at, after checking that
-store's dataset fingerprint, row count and resolution.
+back as float32 (int8 stores are dequantised), or as `features_dtype` where a method offers it
+(float16 keeps an fp16 store's bytes as they are: loaders upcast on the device), latents as
+float32 [2C, h, w]. A store built with `--latents-from` reads its latents from the store its
+manifest points at, after checking that store's dataset fingerprint, row count and resolution.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -84,7 +84,7 @@ class StoreReader:
         self._za = ZarrArrays(self.path) if self.format == "zarr" else None
         self._labels: np.ndarray | None = None
         self._keys: np.ndarray | None = None
-        self._tar_index: tuple[int, dict[str, tuple[int, int]]] | None = None
+        self._tar_index: tuple[int, dict] | None = None
 
         # where the latents live
         self._latent_source: StoreReader | None = None
@@ -286,34 +286,62 @@ class StoreReader:
 
     # ------------------------------------------------------------------ sequential access
 
-    def iter_shard(self, shard: int) -> Iterator[dict]:
+    def iter_shard(self, shard: int, features_dtype: Any = np.float32, lazy: bool = False) -> Iterator[dict]:
         """Samples of one shard in row order (both backends).
 
         Each sample: index, row, label, key, latents, features{enc} (+ cls{enc}), and with flip
-        latents_flip, features_flip{enc} (+ cls_flip{enc}).
+        latents_flip, features_flip{enc} (+ cls_flip{enc}). Features are `features_dtype`
+        (np.float16: an fp16 store's arrays without conversion; int8 dequantises into it).
+        webdataset shards are read with one read per sample (`wds_backend.iter_local`); their
+        arrays may be views of that sample's buffer. The samples must be the shard's valid rows.
+
+        lazy=True (webdataset stores; zarr returns arrays): the arrays are
+        `wds_backend.LazyArray`s, only their headers read and checked; `.read()` gives the array
+        the eager call gives, `.read_into(out)` reads it straight into a batch.
         """
         if not 0 <= shard < self.num_shards:
             raise StoreError(f"store {self.path}: shard {shard} out of range [0, {self.num_shards})")
         if shard not in self._done_shards:
             raise StoreError(f"store {self.path}: shard {shard} is not finished")
         if self.format == "zarr":
-            yield from self._iter_zarr_shard(shard)
+            yield from self._iter_zarr_shard(shard, features_dtype=features_dtype)
         else:
-            it = (self.decode_sample(k, raw, where=str(self.shard_path(shard)))
-                  for k, raw in wds_backend.iter_tar(self.shard_path(shard)))
-            yield from self._with_source_latents(it, shard)
+            p = self.shard_path(shard)
+            it = (self.decode_sample(k, raw, where=f"shard file {p}", features_dtype=features_dtype)
+                  for k, raw in wds_backend.iter_local(p, lazy=lazy))
+            yield from self._with_source_latents(self._check_rows(it, shard, p), shard, lazy)
 
-    def _iter_zarr_shard(self, shard: int, block: int = 256) -> Iterator[dict]:
+    def _check_rows(self, it: Iterator[dict], shard: int, p: Path) -> Iterator[dict]:
+        """Pass a shard's samples on, refusing any that are not its next valid row (a tar with a
+        sample missing or extra would otherwise shift every index after it)."""
+        m = self.manifest
+        r = shard_range(shard, m["num_rows"], m["shard_size"])
+        lo, hi = np.searchsorted(self._rows, [r.start, r.stop])
+        want = self._rows[lo:hi]
+        n = 0
+        for s in it:
+            if n >= len(want) or s["row"] != want[n]:
+                exp = f"row {int(want[n])}" if n < len(want) else "no more samples"
+                raise StoreError(f"store {self.path}: shard file {p} holds sample {s['key']!r} of row {s['row']} "
+                                 f"where the manifest expects {exp}")
+            n += 1
+            yield s
+        if n != len(want):
+            raise StoreError(f"store {self.path}: shard file {p} holds {n} samples, the manifest expects "
+                             f"{len(want)} (first missing row {int(want[n])})")
+
+    def _iter_zarr_shard(self, shard: int, block: int = 256, features_dtype: Any = np.float32) -> Iterator[dict]:
         m = self.manifest
         r = shard_range(shard, m["num_rows"], m["shard_size"])
         lat_src = self._latent_source._za if self._latent_source is not None else self._za
         it = (s for start in range(r.start, r.stop, block)
-              for s in self._zarr_block(start, min(start + block, r.stop), lat_src))
+              for s in self._zarr_block(start, min(start + block, r.stop), lat_src, features_dtype))
         if lat_src is None:  # latents from a webdataset store
             it = self._with_source_latents(it, shard)
         yield from it
 
-    def _zarr_block(self, start: int, stop: int, lat_src: ZarrArrays | None) -> list[dict]:
+    def _zarr_block(self, start: int, stop: int, lat_src: ZarrArrays | None,
+                    features_dtype: Any = np.float32) -> list[dict]:
         """Samples of rows [start, stop): one read per array (a shard is read block by block)."""
         m, za = self.manifest, self._za
         views = [("", "")] + ([("flip/", "_flip")] if self.has_flip else [])
@@ -340,7 +368,7 @@ class StoreReader:
             for v, suf in views:
                 if f"{v}latents" in data:
                     s[f"latents{suf}"] = data[f"{v}latents"][j].astype(np.float32)
-                s[f"features{suf}"] = {e: data[f"{v}features/{e}"][j].astype(np.float32) for e in self.encoders}
+                s[f"features{suf}"] = {e: data[f"{v}features/{e}"][j].astype(features_dtype) for e in self.encoders}
                 cls = {e: data[f"{v}cls/{e}"][j].astype(np.float32) for e in self.encoders
                        if f"{v}cls/{e}" in data}
                 if cls:
@@ -348,11 +376,11 @@ class StoreReader:
             samples.append(s)
         return samples
 
-    def _with_source_latents(self, it: Iterator[dict], shard: int) -> Iterator[dict]:
+    def _with_source_latents(self, it: Iterator[dict], shard: int, lazy: bool = False) -> Iterator[dict]:
         if self._latent_source is None:
             yield from it
             return
-        src = self._latent_source.iter_shard(shard)
+        src = self._latent_source.iter_shard(shard, lazy=lazy)
         yield from _zip_latents(it, src, self.path)
 
     # ------------------------------------------------------------------ webdataset specifics
@@ -370,74 +398,94 @@ class StoreReader:
             return [str(self.path / n) for n in names]
         return [template.format(name=n, shard=i) for i, n in enumerate(names)]
 
-    def iter_urls(self, urls: Sequence[str], latents_urls: Sequence[str] | None = None) -> Iterator[dict]:
-        """Stream samples from shard URLs with webdataset (e.g. `pipe:` URLs from shard_urls).
+    def iter_urls(self, urls: Sequence[str], latents_urls: Sequence[str] | None = None,
+                  features_dtype: Any = np.float32) -> Iterator[dict]:
+        """Stream samples from shard URLs with webdataset (e.g. `pipe:` URLs from shard_urls);
+        URLs naming local files (plain paths, `file:`) take the one-read-per-sample local path.
 
         For a `--latents-from` store pass the latents store's URLs for the same shards."""
-        it = (self.decode_sample(k, raw, where="webdataset stream") for k, raw in wds_backend.iter_urls(list(urls)))
+        it = self._iter_url_samples(urls, features_dtype)
         if self._latent_source is None:
             yield from it
             return
         if latents_urls is None:
             raise StoreError(f"store {self.path}: its latents live in another store; pass latents_urls")
-        src = self._latent_source
-        yield from _zip_latents(it, (src.decode_sample(k, r, where="webdataset stream")
-                                     for k, r in wds_backend.iter_urls(list(latents_urls))), self.path)
+        yield from _zip_latents(it, self._latent_source._iter_url_samples(latents_urls, features_dtype), self.path)
 
-    def decode_sample(self, key: str, raw: dict[str, bytes], where: str = "") -> dict:
-        """Turn one webdataset sample ({suffix: bytes}) into the reader's sample dict."""
+    def _iter_url_samples(self, urls: Sequence[str], features_dtype: Any) -> Iterator[dict]:
+        for u in urls:
+            local = wds_backend.is_local_url(u)
+            raw = wds_backend.iter_local(Path(local)) if local else wds_backend.iter_urls([u])
+            where = f"shard file {local}" if local else f"webdataset stream {u}"
+            for k, r in raw:
+                yield self.decode_sample(k, r, where=where, features_dtype=features_dtype)
+
+    def decode_sample(self, key: str, raw: dict[str, Any], where: str = "", features_dtype: Any = np.float32) -> dict:
+        """Turn one webdataset sample ({suffix: bytes or uint8 array}) into the reader's sample dict.
+
+        npy members are decoded as views of their bytes (no copy where the dtype is already the
+        one returned: fp16 features with features_dtype=np.float16, float32 latents). Members
+        given as `wds_backend.LazyArray`s stay lazy (with the same dtypes when read)."""
         where = f"store {self.path} {where} sample {key}"
         try:
             row = int(key)
         except ValueError:
             raise StoreError(f"{where}: key is not a row number") from None
 
-        def take(suffix: str) -> bytes:
+        def take(suffix: str) -> Any:
             if suffix not in raw:
                 raise StoreError(f"{where}: member '{key}.{suffix}' is missing")
             return raw[suffix]
 
+        def npy(suffix: str) -> Any:
+            v = take(suffix)
+            if isinstance(v, wds_backend.LazyArray):
+                return v
+            return wds_backend.load_npy(v, f"{where} member '{key}.{suffix}'")
+
+        try:
+            label = int(bytes(take("cls")).decode("ascii"))
+            text = bytes(take("key.txt")).decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{where}: member '{key}.cls' or '{key}.key.txt' is unreadable ({e})") from None
         s: dict[str, Any] = {
             "index": int(np.searchsorted(self._rows, row)),
             "row": row,
-            "label": int(take("cls").decode("ascii")),
-            "key": take("key.txt").decode("utf-8"),
+            "label": label,
+            "key": text,
         }
         views = [("", "")] + ([("flip.", "_flip")] if self.has_flip else [])
         for pre, suf in views:
             if self._latent_source is None:
-                s[f"latents{suf}"] = wds_backend.load_npy(take(f"{pre}latents.npy"), where).astype(np.float32)
+                s[f"latents{suf}"] = npy(f"{pre}latents.npy").astype(np.float32, copy=False)
             feats, cls = {}, {}
             for e in self.encoders:
                 mem = self._members[e]
-                f = wds_backend.load_npy(take(f"{pre}feat.{mem}.npy"), where)
+                f = npy(f"{pre}feat.{mem}.npy")
                 if f.dtype == np.int8:
-                    f = dequantize_int8(f, wds_backend.load_npy(take(f"{pre}scale.{mem}.npy"), where))
-                feats[e] = f.astype(np.float32, copy=False)
+                    sc = npy(f"{pre}scale.{mem}.npy")
+                    f = (wds_backend.Dequantized(f, sc) if isinstance(f, wds_backend.LazyArray)
+                         else dequantize_int8(f, sc))
+                feats[e] = f.astype(features_dtype, copy=False)
                 if self.manifest["encoders"][e].get("cls"):
-                    cls[e] = wds_backend.load_npy(take(f"{pre}clstoken.{mem}.npy"), where).astype(np.float32)
+                    cls[e] = npy(f"{pre}clstoken.{mem}.npy").astype(np.float32, copy=False)
             s[f"features{suf}"] = feats
             if cls:
                 s[f"cls{suf}"] = cls
         return s
 
     def _wds_sample(self, row: int) -> dict:
-        """Random access into a tar via its member offsets (cached for the last shard used)."""
+        """Random access into a tar: its header index (cached for the last shard used), then one
+        read of the sample's members."""
         shard = row // self.manifest["shard_size"]
         p = self.shard_path(shard)
         if self._tar_index is None or self._tar_index[0] != shard:
-            with tarfile.open(p, mode="r:") as tar:
-                index = {ti.name: (ti.offset_data, ti.size) for ti in tar.getmembers() if ti.isreg()}
-            self._tar_index = (shard, index)
-        index = self._tar_index[1]
+            self._tar_index = (shard, wds_backend.tar_index(p))
         key = wds_backend.sample_key(row)
-        raw = {}
-        with open(p, "rb") as f:
-            for name, (off, size) in index.items():
-                if name.startswith(key + "."):
-                    f.seek(off)
-                    raw[name[len(key) + 1:]] = f.read(size)
-        s = self.decode_sample(key, raw, where=str(p))
+        entry = self._tar_index[1].get(key)
+        if entry is None:
+            raise StoreError(f"store {self.path}: shard file {p} has no sample {key!r} (row {row})")
+        s = self.decode_sample(key, wds_backend.read_indexed(p, entry), where=f"shard file {p}")
         if self._latent_source is not None:
             src = self._latent_source[self._latent_source.row_to_index(row)]
             for k in ("latents", "latents_flip"):

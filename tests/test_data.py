@@ -170,6 +170,30 @@ def test_wds_flip_picks_stored_view(wds_store):
             assert np.array_equal(batch["latents"][k].numpy(), want)
 
 
+@pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
+def test_wds_batches_carry_float16_features_equal_to_the_store(tmp_path, feature_dtype):
+    store = make_synthetic_store(tmp_path / "s", num_samples=14, shard_size=4, encoders={"a": 8, "b": 4},
+                                 grid=(2, 2), format="wds", flip=True, feature_dtype=feature_dtype,
+                                 skipped_rows=[5])
+    r = open_store(store)
+    spec = LoaderSpec(global_batch=4, seed=1, flip=True, shuffle_buffer=5)
+    batches = _take(_loader(store, spec, steps=6), 6)  # 24 samples: crosses an epoch
+    samples = {int(s["index"]): s for sh in range(r.num_shards) for s in r.iter_shard(sh)}  # eager, float32
+    seen = []
+    for b in batches:
+        assert b["latents"].dtype == torch.float32 and b["label"].dtype == torch.int64
+        for k, i in enumerate(b["index"].tolist()):
+            epoch = len(seen) // len(r)
+            seen.append(i)
+            view = "_flip" if epoch_flips(len(r), 1, epoch)[i] else ""
+            assert b["label"][k] == samples[i]["label"]
+            assert np.array_equal(b["latents"][k].numpy(), samples[i]["latents" + view])
+            for e in ("a", "b"):
+                assert b["features"][e].dtype == torch.float16  # like the zarr batches
+                assert np.array_equal(b["features"][e][k].numpy(), samples[i]["features" + view][e].astype(np.float16))
+    assert sorted(seen[:13]) == list(range(13))
+
+
 # ----------------------------------------------------------------------------- latents
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -16,6 +17,8 @@ from stores import (
     StoreError, StoreLayout, StoreWriter, dataset_fingerprint, describe_store, format_description,
     open_store, quantize_int8, verify_store,
 )
+from stores import wds_backend
+from stores.layout import dequantize_int8
 from stores.testing import make_synthetic_store, synthetic_arrays
 
 FORMATS = ["zarr", "wds"]
@@ -213,6 +216,236 @@ def test_webdataset_streams_pipe_urls_and_sanitised_encoder_names(tmp_path):
         assert s["features"]["dinov2_vit_b"].shape == (16, 4)
 
 
+# ----------------------------------------------------------------------------- local tar reads
+
+
+def _tarfile_members(path: Path) -> list[tuple[str, bytes]]:
+    """Every regular member, in archive order, read by tarfile (the reference)."""
+    with tarfile.open(path) as tar:
+        return [(ti.name, tar.extractfile(ti).read()) for ti in tar.getmembers() if ti.isreg()]
+
+
+def _same(a, b, what=""):
+    """Nested sample dicts equal: arrays of the same dtype and shape, byte for byte."""
+    if isinstance(a, wds_backend.LazyArray):
+        a = a.read()
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _same(a[k], b[k], f"{what}/{k}")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), what
+    else:
+        assert a == b, what
+
+
+def _reference_sample(r, key, raw, features_dtype):
+    """A sample decoded from tarfile bytes with np.load: the reader's contract, computed apart."""
+    load = lambda suffix: np.load(io.BytesIO(raw[suffix]), allow_pickle=False)  # noqa: E731
+    s = {"index": int(np.searchsorted(r.rows, int(key))), "row": int(key), "label": int(raw["cls"]),
+         "key": raw["key.txt"].decode()}
+    for pre, suf in [("", ""), ("flip.", "_flip")][:1 + r.has_flip]:
+        s["latents" + suf] = load(pre + "latents.npy").astype(np.float32)
+        feats, cls = {}, {}
+        for e, m in ((e, r.manifest["encoders"][e]["member"]) for e in r.encoders):
+            f = load(f"{pre}feat.{m}.npy")
+            if f.dtype == np.int8:
+                f = dequantize_int8(f, load(f"{pre}scale.{m}.npy"))
+            feats[e] = f.astype(features_dtype)
+            if f"{pre}clstoken.{m}.npy" in raw:
+                cls[e] = load(f"{pre}clstoken.{m}.npy").astype(np.float32)
+        s["features" + suf] = feats
+        if cls:
+            s["cls" + suf] = cls
+    return s
+
+
+@pytest.mark.parametrize("kw", [dict(flip=True, with_cls=True), dict(feature_dtype="int8", flip=True)])
+def test_local_tar_reads_equal_tarfile_byte_for_byte(tmp_path, kw):
+    # an encoder name over 100 characters makes tarfile write pax headers for its members
+    layout = _layout(encoders={"tiny": (16, 24), "e" * 120: (16, 8)}, **kw)
+    _build(tmp_path / "w", "wds", layout, skipped={3, 12})
+    r = open_store(tmp_path / "w")
+    for sh in range(r.num_shards):
+        p = r.shard_path(sh)
+        ref = _tarfile_members(p)
+        assert any(len(n) > 100 for n, _ in ref)
+        eager = [(f"{k}.{suf}", bytes(v)) for k, d in wds_backend.iter_local(p) for suf, v in d.items()]
+        assert eager == ref
+        lazy = [(f"{k}.{suf}", v) for k, d in wds_backend.iter_local(p, lazy=True) for suf, v in d.items()]
+        assert [n for n, _ in lazy] == [n for n, _ in ref]
+        for (name, v), (_, b) in zip(lazy, ref):
+            if name.endswith(".npy"):
+                want = np.load(io.BytesIO(b), allow_pickle=False)
+                got = v.read()
+                assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes(), name
+                into = np.full(want.shape, 7, want.dtype)
+                v.read_into(into)
+                assert into.tobytes() == want.tobytes(), name
+            else:
+                assert v == b, name
+        ref_raw = list(wds_backend.iter_tar(p))
+        for dt in (np.float32, np.float16):
+            want = [_reference_sample(r, k, raw, dt) for k, raw in ref_raw]
+            eager_s = list(r.iter_shard(sh, features_dtype=dt))
+            lazy_s = list(r.iter_shard(sh, features_dtype=dt, lazy=True))
+            assert len(want) == len(eager_s) == len(lazy_s) == r.shard_sample_counts()[sh]
+            for w, e, z in zip(want, eager_s, lazy_s):
+                _same(e, w, f"eager row {w['row']}")
+                _same(z, w, f"lazy row {w['row']}")
+                i = w["index"]
+                _same(r[i], _reference_sample(r, *ref_raw[[x["index"] for x in want].index(i)], np.float32))
+        # lazy features read into a float16 batch = the eager float32 features cast to float16
+        batch = np.empty((1, 16, 24), np.float16)
+        z = next(r.iter_shard(sh, lazy=True))
+        z["features"]["tiny"].read_into(batch[0])
+        assert np.array_equal(batch[0], next(r.iter_shard(sh))["features"]["tiny"].astype(np.float16))
+
+
+@pytest.mark.parametrize("probe", [BlockingIOError, OSError])
+def test_lazy_pass_reads_a_cold_shard_through(tmp_path, monkeypatch, probe):
+    """The lazy pass probes the page cache with RWF_NOWAIT; a miss (BlockingIOError) reads the
+    file ahead in one read, a file system without the flag (OSError) falls back to plain reads.
+    Either way the samples are the same."""
+    import os
+
+    _build(tmp_path / "w", "wds", _layout(flip=True))
+    r = open_store(tmp_path / "w")
+    want = [s for sh in range(3) for s in r.iter_shard(sh)]
+    real, sizes, probes = os.preadv, [], []
+
+    def preadv(fd, bufs, off, flags=0):
+        if flags:
+            probes.append(off)
+            raise probe("probe")
+        sizes.append(sum(memoryview(b).nbytes for b in bufs))
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(wds_backend, "_READ_THROUGH", 5000)  # > the 4 KiB header reads
+    got = [s for sh in range(3) for s in r.iter_shard(sh, lazy=True)]
+    assert len(got) == len(want) == 19
+    for a, b in zip(got, want):
+        _same(a, b, str(b["row"]))
+    if probe is BlockingIOError:
+        assert len(probes) > 3 and sizes.count(5000) >= len(probes) - 3  # read through on each miss
+    else:
+        assert len(probes) == 3 and 5000 not in sizes  # one probe per shard, then plain reads
+
+
+def test_local_reader_handles_gnu_long_names_and_odd_members(tmp_path):
+    p = tmp_path / "gnu.tar"
+    entries = [("000000000." + "a" * 150 + ".npy", io.BytesIO(), np.arange(6, dtype=np.float16).reshape(2, 3)),
+               ("000000000.cls", None, b"5"),
+               ("000000001.latents.npy", None, np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)))]
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tar:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, _, v in entries:
+            if isinstance(v, np.ndarray):
+                buf = io.BytesIO()
+                np.save(buf, v, allow_pickle=False)
+                v = buf.getvalue()
+            ti = tarfile.TarInfo(name)
+            ti.size = len(v)
+            tar.addfile(ti, io.BytesIO(v))
+    ref = _tarfile_members(p)
+    assert [n for n, _ in ref][0].startswith("000000000.aaa")
+    got = [(f"{k}.{suf}", bytes(v)) for k, d in wds_backend.iter_local(p) for suf, v in d.items()]
+    assert got == ref
+    lazy = {f"{k}.{suf}": v for k, d in wds_backend.iter_local(p, lazy=True) for suf, v in d.items()}
+    f = lazy["000000001.latents.npy"]
+    assert f.fortran and np.array_equal(f.read(), np.arange(12, dtype=np.float32).reshape(3, 4))
+    out = np.empty((3, 4), np.float64)
+    f.read_into(out)  # converts
+    assert np.array_equal(out, np.arange(12).reshape(3, 4))
+    assert np.array_equal(wds_backend.load_npy(ref[2][1], "x"), np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+def _member(path: Path, name: str) -> tarfile.TarInfo:
+    with tarfile.open(path) as tar:
+        return tar.getmember(name)
+
+
+def _read_all(r, shard, how):
+    if how == "eager":
+        return list(r.iter_shard(shard))
+    if how == "lazy":
+        return list(r.iter_shard(shard, lazy=True))
+    return r[r.row_to_index(10)]  # random access: the tar index
+
+
+@pytest.mark.parametrize("how", ["eager", "lazy", "index"])
+def test_truncated_or_corrupt_tar_names_shard_file_and_member(tmp_path, how):
+    _build(tmp_path / "w", "wds", _layout())
+    r = open_store(tmp_path / "w")
+    p = r.shard_path(1)
+    good = p.read_bytes()
+    feat = _member(p, "000000010.feat.tiny.npy")
+    after = _member(p, "000000010.key.txt")  # the member after it
+    f = re.escape(str(p))
+
+    p.write_bytes(good[:feat.offset_data + 100])  # cut inside the payload
+    with pytest.raises(StoreError, match=f"shard file {f}: member '000000010.feat.tiny.npy' needs bytes.*truncated"):
+        _read_all(r, 1, how)
+
+    p.write_bytes(good[:after.offset])  # cut right after a member: the end-of-archive block is missing
+    with pytest.raises(StoreError, match=f"shard file {f}: .*after member '000000010.feat.tiny.npy'.*end-of-archive"):
+        _read_all(r, 1, how)
+
+    bad = bytearray(good)
+    bad[after.offset + 5] ^= 0x20  # a header byte: its checksum no longer matches
+    p.write_bytes(bytes(bad))
+    with pytest.raises(StoreError, match=f"shard file {f}: bad tar header checksum at byte {after.offset} "
+                                         r"\(after member '000000010.feat.tiny.npy'\)"):
+        _read_all(r, 1, how)
+
+    bad = bytearray(good)
+    bad[feat.offset_data:feat.offset_data + 6] = b"NOTNPY"  # the npy payload's magic
+    p.write_bytes(bytes(bad))
+    with pytest.raises(StoreError, match=f"{f}.*member '000000010.feat.tiny.npy'.*not a readable .npy member"):
+        _read_all(r, 1, how)
+    if how == "lazy":  # the payload is not read: the header parse is what catches it
+        return
+    bad = bytearray(good)
+    bad[feat.offset_data + 200] ^= 0xFF  # a payload byte: only verify_store's checksums can see that
+    p.write_bytes(bytes(bad))
+    _read_all(r, 1, how)
+    assert not verify_store(tmp_path / "w").ok
+
+
+def test_shard_missing_a_sample_is_refused(tmp_path):
+    _build(tmp_path / "w", "wds", _layout())
+    r = open_store(tmp_path / "w")
+    p = r.shard_path(1)
+    members = _tarfile_members(p)
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tar:  # rewrite without row 10
+        for name, b in members:
+            if not name.startswith("000000010."):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(b)
+                tar.addfile(ti, io.BytesIO(b))
+    for lazy in (False, True):
+        with pytest.raises(StoreError, match=re.escape(str(p)) + r".* of row 11 where the manifest expects row 10"):
+            list(r.iter_shard(1, lazy=lazy))
+    with pytest.raises(StoreError, match=re.escape(str(p)) + ".* no sample '000000010'"):
+        r[r.row_to_index(10)]
+
+
+def test_local_urls_take_the_local_path(tmp_path):
+    _build(tmp_path / "w", "wds", _layout(flip=True))
+    r = open_store(tmp_path / "w")
+    local = [s for sh in range(r.num_shards) for s in r.iter_shard(sh, features_dtype=np.float16)]
+    for urls in (r.shard_urls(), ["file:" + u for u in r.shard_urls()]):
+        assert wds_backend.is_local_url(urls[0]) == str(r.shard_path(0))
+        got = list(r.iter_urls(urls, features_dtype=np.float16))
+        assert len(got) == len(local)
+        for a, b in zip(got, local):
+            _same(a, b)
+    assert wds_backend.is_local_url("pipe:cat " + r.shard_urls()[0]) is None
+
+
 # ----------------------------------------------------------------------------- checksums and refusals
 
 
@@ -403,6 +636,11 @@ def test_latents_from_reads_the_other_stores_latents(tmp_path, fmt):
     assert len(samples) == 18
     for s in samples:
         np.testing.assert_array_equal(s["latents"], lat[s["row"]])
+    lazy = [s for sh in range(3) for s in r.iter_shard(sh, lazy=True)]  # the loader's path
+    assert [s["row"] for s in lazy] == [s["row"] for s in samples]
+    for s in lazy:
+        got = s["latents"].read() if fmt == "wds" else s["latents"]
+        np.testing.assert_array_equal(got, lat[s["row"]])
     np.testing.assert_allclose(samples[0]["features"]["tiny"], _expected(_layout(write_latents=False), seed=5)["features/tiny"][0], atol=1e-3)
     if fmt == "zarr":
         b = r.get_batch([4, 0])

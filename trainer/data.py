@@ -233,23 +233,43 @@ def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) ->
     yield from buf
 
 
-def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool) -> dict:
-    """Stack per-sample dicts from ``iter_shard`` into a batch, picking each sample's view."""
-    lat, feats, labels, index = [], {e: [] for e in encoders}, [], []
-    for s in samples:
-        use_flip = flip and bool(s.get("_flip", False))
-        lat.append(np.asarray(s["latents_flip" if use_flip else "latents"], dtype=np.float32))
-        f = s["features_flip" if use_flip else "features"]
+def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
+                    features_dtype: Any = np.float16) -> dict:
+    """Stack per-sample dicts from ``iter_shard`` into a batch, picking each sample's view.
+
+    Arrays may be numpy arrays or the lazy members of ``iter_shard(..., lazy=True)``, which are
+    read straight into the batch (one read per member, no intermediate copy, and only the view
+    the batch uses). Features become ``features_dtype`` (float16, like the zarr batches: the
+    stored dtype of an fp16 store, half the bytes between processes; the alignment loss
+    promotes on the device); latents float32."""
+    n = len(samples)
+    views = ["_flip" if flip and bool(s.get("_flip", False)) else "" for s in samples]
+    first = samples[0]
+    lat = np.empty((n, *first["latents" + views[0]].shape), np.float32)
+    feats = {e: np.empty((n, *first["features" + views[0]][e].shape), features_dtype) for e in encoders}
+    for i, (s, v) in enumerate(zip(samples, views)):
+        _put(lat, i, s["latents" + v], s, "latents" + v)
+        f = s["features" + v]
         for e in encoders:
-            feats[e].append(np.asarray(f[e], dtype=np.float32))
-        labels.append(int(s["label"]))
-        index.append(int(s["index"]))
+            _put(feats[e], i, f[e], s, f"features{v}[{e!r}]")
     return {
-        "index": torch.as_tensor(np.asarray(index, dtype=np.int64)),
-        "label": torch.as_tensor(np.asarray(labels, dtype=np.int64)),
-        "latents": torch.from_numpy(np.stack(lat)),
-        "features": {e: torch.from_numpy(np.stack(v)) for e, v in feats.items()},
+        "index": torch.as_tensor(np.asarray([int(s["index"]) for s in samples], dtype=np.int64)),
+        "label": torch.as_tensor(np.asarray([int(s["label"]) for s in samples], dtype=np.int64)),
+        "latents": torch.from_numpy(lat),
+        "features": {e: torch.from_numpy(v) for e, v in feats.items()},
     }
+
+
+def _put(out: np.ndarray, i: int, value: Any, sample: dict, what: str) -> None:
+    """out[i] = value (an array, or a lazy member read in place)."""
+    if tuple(value.shape) != out.shape[1:]:
+        where = getattr(value, "where", f"row {sample.get('row')}")
+        raise ValueError(f"sample {sample.get('key', sample.get('index'))!r} ({where}): {what} has shape "
+                         f"{tuple(value.shape)}, the batch's first sample {out.shape[1:]}")
+    if hasattr(value, "read_into"):
+        value.read_into(out[i])
+    else:
+        out[i] = value
 
 
 class WdsStreams(_LazyStore, IterableDataset):
@@ -259,6 +279,12 @@ class WdsStreams(_LazyStore, IterableDataset):
     the number of micro-batches delivered before, so that the round-robin continues where it was.
     With DataLoader workers, worker ``w`` runs stream ``(w + rotation) % S``; without workers the
     streams are interleaved in process.
+
+    Shards are read lazily (``iter_shard(..., lazy=True)``): the shuffle buffer holds member
+    references, and each batch reads its samples' payloads straight into the batch arrays. The
+    buffer's bytes therefore wait in the page cache (a cold shard is read through into it as its
+    headers are parsed), not in process memory; a page cache smaller than the shuffle windows of
+    all workers makes those reads go to disk again, in shuffled order.
     """
 
     def __init__(self, path: str | Path, spec: LoaderSpec, encoders: Sequence[str], num_streams: int,
@@ -291,7 +317,10 @@ class WdsStreams(_LazyStore, IterableDataset):
 
         def raw() -> Iterator[dict]:
             for shard in self.stream_shards(stream, epoch):
-                for sample in reader.iter_shard(shard):
+                # lazy: the shuffle buffer holds member references, not arrays; collate_samples
+                # reads each chosen view straight into the batch (float16 features, as
+                # StoreBatches: no CPU upcast, half the bytes between processes)
+                for sample in reader.iter_shard(shard, features_dtype=np.float16, lazy=True):
                     if flips is not None:
                         sample = dict(sample)
                         sample["_flip"] = bool(flips[int(sample["index"])])
