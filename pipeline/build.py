@@ -60,7 +60,8 @@ def split_names(value: str | Sequence[str] | None) -> list[str]:
     return [v.strip() for v in items if v.strip()]
 
 
-def parse_weights(weights: str | Sequence[str] | dict | None, encoders: list[str]) -> dict[str, str]:
+def parse_weights(weights: str | Sequence[str] | dict | None, encoders: list[str],
+                  flag: str = "--weights") -> dict[str, str]:
     """`--weights PATH` (one encoder) or `--weights name=PATH,name2=PATH2` -> {encoder: path}."""
     if not weights:
         return {}
@@ -75,12 +76,12 @@ def parse_weights(weights: str | Sequence[str] | dict | None, encoders: list[str
             out[encoders[0]] = item
         else:
             raise ValueError(
-                f"--weights {item!r} is ambiguous with {len(encoders)} encoders; "
-                "write --weights name=PATH,name2=PATH2"
+                f"{flag} {item!r} is ambiguous with {len(encoders)} encoders {encoders}; "
+                f"write {flag} name=PATH,name2=PATH2"
             )
     unknown = sorted(set(out) - set(encoders))
     if unknown:
-        raise ValueError(f"--weights names {unknown} that are not among --encoder {encoders}")
+        raise ValueError(f"{flag} names {unknown} that are not among the encoders {encoders}")
     return out
 
 

@@ -313,3 +313,16 @@ def test_cli_user_errors_are_one_line_with_exit_2(zarr_store, tmp_path, capsys):
         run_fire(COMMANDS, "irepa-cache", ["build", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert "missing': no such file or directory" in capsys.readouterr().err
+
+
+def test_parse_weights_forms_and_errors():
+    from pipeline.build import parse_weights
+
+    assert parse_weights("w.safetensors", ["dinov2-vit-b"]) == {"dinov2-vit-b": "w.safetensors"}
+    assert parse_weights("a=x.pt,b=y.pt", ["a", "b"]) == {"a": "x.pt", "b": "y.pt"}
+    assert parse_weights(("a=x.pt",), ["a", "b"]) == {"a": "x.pt"}
+    assert parse_weights(None, ["a"]) == {}
+    with pytest.raises(ValueError, match=r"--encoder-weights 'x.pt' is ambiguous with 2 encoders \['a', 'b'\]"):
+        parse_weights("x.pt", ["a", "b"], flag="--encoder-weights")
+    with pytest.raises(ValueError, match=r"--weights names \['c'\] that are not among the encoders"):
+        parse_weights("c=z.pt", ["a", "b"])

@@ -157,20 +157,13 @@ class OnlineSource:
     @staticmethod
     def _load_encoders(cfg: Any, manifest: dict | None, resolution: int) -> dict:
         from pipeline.encoders import load_encoder
+        from pipeline.build import parse_weights
         from trainer.train import split_list
 
         names = split_list(cfg.encoders) or (list((manifest or {}).get("encoders") or {}) or [DEFAULT_ENCODER])
         if cfg.align == "none":
             names = []
-        weights: dict[str, str] = {}
-        for item in split_list(cfg.encoder_weights) or []:
-            if "=" in item:
-                k, v = item.split("=", 1)
-                weights[k.strip()] = v.strip()
-            elif len(names) == 1:
-                weights[names[0]] = item
-            else:
-                raise ValueError(f"--encoder-weights {item!r} is ambiguous with encoders {names}; write name=PATH")
+        weights = parse_weights(cfg.encoder_weights, names, flag="--encoder-weights")
         out = {}
         for n in names:
             info = ((manifest or {}).get("encoders") or {}).get(n) or {}
