@@ -174,6 +174,26 @@ def _encode_batch(
     return out
 
 
+def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
+                      flip: bool, feature_dtype: str) -> bool:
+    """True when `out` is a finished store of this dataset with these encoders and options, so a
+    rerun can stop before loading any model. Anything else goes through the writer's checks."""
+    from stores import read_manifest
+
+    if not (Path(out) / "manifest.json").exists():
+        return False
+    m = read_manifest(out)
+    return (
+        m.get("state") == "complete"
+        and m["dataset"].get("fingerprint") == fingerprint
+        and list(m.get("encoders") or {}) == encoders
+        and m["image"].get("resolution") == resolution
+        and m.get("format") == format
+        and bool(m.get("flip")) == flip
+        and all(e.get("feature_dtype") == feature_dtype for e in m["encoders"].values())
+    )
+
+
 def _check_latents_from(path: str, fingerprint: str, resolution: int, flip: bool) -> dict:
     """Open the store whose latents we reuse and check it describes the same data and crop."""
     try:
@@ -252,6 +272,10 @@ def build_store(
     from stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
+    if resume and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
+        if dist.rank == 0:
+            print(f"store {out} is already complete for this build; nothing to do")
+        return Path(out)
     borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
 
     weight_paths = parse_weights(weights, encoder_names)

@@ -326,3 +326,21 @@ def test_parse_weights_forms_and_errors():
         parse_weights("x.pt", ["a", "b"], flag="--encoder-weights")
     with pytest.raises(ValueError, match=r"--weights names \['c'\] that are not among the encoders"):
         parse_weights("c=z.pt", ["a", "b"])
+
+
+def test_rerun_of_a_finished_build_loads_no_model(image_tree, zarr_store, monkeypatch, capsys):
+    import pipeline.build as build_mod
+
+    before = _tree_bytes(zarr_store)
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded for a finished store")
+
+    monkeypatch.setattr(build_mod, "load_encoder", no_models)
+    monkeypatch.setattr(build_mod, "load_vae", no_models)
+    build_store(data=str(image_tree), out=str(zarr_store), encoder=ENCODERS, shard_size=3, batch_size=2, **TINY)
+    assert "already complete" in capsys.readouterr().out
+    assert _tree_bytes(zarr_store) == before
+    # asking for something else goes through the full checks (and here, the models)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        build_store(data=str(image_tree), out=str(zarr_store), encoder="dinov2-vit-b", shard_size=3, **TINY)
