@@ -308,7 +308,7 @@ def run_sampling(**kw: Any) -> Path:
                 ys.append(fixed[i % len(fixed)] if fixed else int(torch.randint(model.num_classes, (1,), generator=g)))
             z = torch.stack(zs).to(d.device)
             y = torch.as_tensor(ys, dtype=torch.long, device=d.device)
-            gen = torch.Generator(device=d.device).manual_seed(mix_seed("sample-sde", kw["seed"], idx[0]))
+            gen = [torch.Generator(device=d.device).manual_seed(mix_seed("sample-sde", kw["seed"], i)) for i in idx]
             x = integrate(model, z, y, method=kw["method"], steps=int(kw["steps"]), cfg_scale=float(kw["cfg_scale"]),
                           guidance_interval=(float(kw["guidance_low"]), float(kw["guidance_high"])),
                           generator=gen, path=path_type)

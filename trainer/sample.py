@@ -20,6 +20,8 @@ The state is integrated in float64; the model sees ``z.dtype``. The model runs i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -50,6 +52,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def _sde_noise(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
+    """Standard normal noise [B, ...] in float64, from one generator or one per image."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=torch.float32)
+                             for g in generator])
+    else:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(torch.float64)
+
+
 def sample(
     model: nn.Module,
     z: torch.Tensor,
@@ -58,7 +72,7 @@ def sample(
     steps: int = 250,
     cfg_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 0.7),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     path: str = "linear",
     null_class: int | None = None,
     sde_last_t: float = 0.04,
@@ -66,7 +80,9 @@ def sample(
     """Integrate noise ``z`` [B, C, H, W] to latents for labels ``y`` [B].
 
     Defaults are REPA's headline setting (SDE, 250 steps, guidance on t <= 0.7); pass
-    ``cfg_scale=1.8`` for its FID-50K numbers. ``generator`` drives the SDE noise.
+    ``cfg_scale=1.8`` for its FID-50K numbers. ``generator`` drives the SDE noise: one
+    generator for the batch, or one per image so that an image's noise does not depend on the
+    batch it lands in (how ``irepa-sample`` makes samples independent of batch size and ranks).
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
@@ -120,7 +136,7 @@ def sample(
         for i in range(steps - 1):
             t_cur, t_next = ts[i], ts[i + 1]
             dt = t_next - t_cur
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(torch.float64)
+            noise = _sde_noise(x.shape, generator, device)
             x = x + drift(x, t_cur) * dt + (2 * t_cur) ** 0.5 * abs(dt) ** 0.5 * noise
         t_cur, t_next = ts[-2], ts[-1]
         x = x + (t_next - t_cur) * drift(x, t_cur)
