@@ -142,35 +142,38 @@ def fid_correlations(rows: list[dict], table: dict[str, float]) -> dict[str, Any
     """Pearson and Spearman correlation (scipy) of each metric's mean with FID over the rows.
 
     Rows are matched to the table by their name, "store/encoder", the encoder name, or (for a
-    store with one encoder) the store's folder name. Correlations need >= 3 matched rows with a
-    finite mean; otherwise r and p are None with a note.
+    store with one encoder) the store's folder name. Each FID entry is one point: rows matched to
+    the same entry (one encoder cached in several stores) are averaged, never counted twice.
+    Correlations need >= 3 such points with a finite mean; otherwise r and p are None with a note.
     """
     from scipy import stats
 
-    matched, fids = [], []
+    groups: dict[str, list[dict]] = {}
     unmatched_rows = []
-    used = set()
     for row in rows:
         key = _match_fid(row, table)
         if key is None:
             unmatched_rows.append(row["name"])
             continue
-        used.add(key)
-        matched.append(row)
-        fids.append(table[key])
+        groups.setdefault(key, []).append(row)
         row["fid"] = table[key]
     result: dict[str, Any] = {
-        "values": {r["name"]: f for r, f in zip(matched, fids)},
+        "values": {r["name"]: table[k] for k, rs in groups.items() for r in rs},
+        "points": {k: [r["name"] for r in rs] for k, rs in groups.items()},
         "rows_without_fid": unmatched_rows,
-        "unused_fid_entries": sorted(set(table) - used),
+        "unused_fid_entries": sorted(set(table) - set(groups)),
         "correlation": {},
     }
     metric_names = _metric_names(rows)
     for variant in VARIANTS:
         result["correlation"][variant] = {}
         for m in metric_names:
-            pairs = [(r["metrics"][variant][m]["mean"], f) for r, f in zip(matched, fids)]
-            pairs = [(x, y) for x, y in pairs if x is not None and math.isfinite(x)]
+            pairs = []
+            for key, rs in groups.items():
+                vals = [r["metrics"][variant][m]["mean"] for r in rs]
+                vals = [v for v in vals if v is not None and math.isfinite(v)]
+                if vals:
+                    pairs.append((float(np.mean(vals)), table[key]))
             entry: dict[str, Any] = {"n": len(pairs), "pearson_r": None, "pearson_p": None,
                                      "spearman_r": None, "spearman_p": None}
             if len(pairs) < 3:
@@ -481,6 +484,11 @@ def format_table(report: dict) -> str:
         text += ["", f"Correlation with FID ({fid['source']})", _render(cheader, cbody)]
         if fid["rows_without_fid"]:
             text.append(f"rows without a FID entry: {', '.join(fid['rows_without_fid'])}")
+        if fid["unused_fid_entries"]:
+            text.append(f"FID entries matching no store/encoder: {', '.join(fid['unused_fid_entries'])}")
+        shared = {k: names for k, names in fid["points"].items() if len(names) > 1}
+        for k, names in shared.items():
+            text.append(f"FID entry {k} matches {len(names)} rows ({', '.join(names)}): averaged into one point")
     return "\n".join(text)
 
 

@@ -342,6 +342,26 @@ def test_fid_correlations_match_scipy():
     assert few["pearson_r"] is None and "needs >= 3" in few["note"]
 
 
+def test_fid_correlation_counts_each_encoder_once():
+    """One encoder cached in two stores is one FID point (its metric averaged), not two."""
+    def row(store, enc, lds):
+        r = _fake_row(enc, lds, 0.0, 0.0)
+        r.update(name=f"{store}/{enc}", store=f"stores/{store}", store_label=store, store_encoders=2)
+        return r
+
+    rows = [row("s1", "a", 0.30), row("s1", "b", 0.10), row("s2", "a", 0.20), row("s2", "b", 0.12)]
+    res = mr.fid_correlations(rows, {"a": 20.0, "b": 25.0})
+    c = res["correlation"]["raw"]["lds"]
+    assert c["n"] == 2 and c["pearson_r"] is None  # two encoders: too few points, whatever the rows
+    assert res["points"] == {"a": ["s1/a", "s2/a"], "b": ["s1/b", "s2/b"]}
+    rows.append(row("s1", "c", 0.05))
+    res = mr.fid_correlations(rows, {"a": 20.0, "b": 25.0, "c": 27.0})
+    from scipy import stats
+
+    xs, ys = [0.25, 0.11, 0.05], [20.0, 25.0, 27.0]
+    assert_close(res["correlation"]["raw"]["lds"]["pearson_r"], stats.pearsonr(xs, ys)[0], 1e-12)
+
+
 # ----------------------------------------------------------------------------- run_metrics on stores
 
 ENCODERS = {"enc_a": 8, "enc_b": 12, "enc_c": 6}
