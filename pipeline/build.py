@@ -274,7 +274,8 @@ def build_store(
     fingerprint = dataset_fingerprint(source.keys)
     if resume and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
         if dist.rank == 0:
-            print(f"store {out} is already complete for this build; nothing to do")
+            print(f"store {out} is already complete for this build; nothing to do "
+                  f"(irepa-cache verify {out} checks its files)")
         return Path(out)
     borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
 

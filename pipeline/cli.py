@@ -148,6 +148,12 @@ def run_fire(component, name: str, command: list[str] | None = None) -> None:
             raise
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("IREPA_DEBUG"):
+            raise
+        print(f"\n{name}: interrupted; finished shards and checkpoints are kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -154,7 +154,8 @@ class StoreWriter:
         elif mpath.exists():
             if not resume:
                 raise StoreError(
-                    f"store {path} already exists; resume it (irepa-cache build --resume, the default) or delete the folder first"
+                    f"store {path} already exists and resume is off (--noresume never overwrites): rerun without "
+                    "--noresume to finish it, or delete the folder to start over"
                 )
             existing = read_manifest(path)
             diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED
