@@ -344,3 +344,16 @@ def test_rerun_of_a_finished_build_loads_no_model(image_tree, zarr_store, monkey
     # asking for something else goes through the full checks (and here, the models)
     with pytest.raises(AssertionError, match="a model was loaded"):
         build_store(data=str(image_tree), out=str(zarr_store), encoder="dinov2-vit-b", shard_size=3, **TINY)
+
+
+def test_cli_interrupt_says_how_to_resume(capsys):
+    from pipeline.cli import run_fire
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        run_fire({"build": interrupted}, "irepa-cache", ["build"])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
