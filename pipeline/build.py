@@ -174,6 +174,22 @@ def _encode_batch(
     return out
 
 
+def _reopen_damaged_shards(out: str) -> None:
+    """--repair: verify every shard file and mark the damaged shards for rewriting."""
+    from stores import reopen_shards, verify_store
+
+    if not (Path(out) / "manifest.json").exists():
+        return
+    report = verify_store(out)
+    if report.bad_meta:
+        files = ", ".join(f for f, _ in report.bad_meta)
+        raise StoreError(f"store {out}: metadata file(s) {files} are damaged; --repair rewrites shards only: "
+                         "delete the folder and build again")
+    if report.bad_shards:
+        print(f"repair: shard(s) {sorted(report.bad_shards)} of {out} fail verification; rewriting them")
+        reopen_shards(out, report.bad_shards)
+
+
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
                       flip: bool, feature_dtype: str) -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
@@ -237,6 +253,7 @@ def build_store(
     batch_size: int = 64,
     num_workers: int = 4,
     resume: bool = True,
+    repair: bool = False,
     device: str | None = None,
     precision: str = "bf16",
     progress: bool = True,
@@ -272,7 +289,9 @@ def build_store(
     from stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
-    if resume and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
+    if repair and dist.rank == 0:
+        _reopen_damaged_shards(out)
+    if resume and not repair and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")

@@ -28,6 +28,7 @@ def build(
     batch_size: int = 64,
     num_workers: int = 4,
     resume: bool = True,
+    repair: bool = False,
     device: str | None = None,
     precision: str = "bf16",
 ) -> None:
@@ -55,6 +56,8 @@ def build(
         batch_size: images per forward pass.
         num_workers: image-decoding DataLoader workers.
         resume: finish an interrupted build in place (default); --noresume refuses an existing store.
+        repair: verify every shard file first and rebuild the shards that fail (a flipped byte, a
+            deleted file); the result equals an undamaged build.
         device: torch device (default cuda:LOCAL_RANK when available, else cpu).
         precision: encoder precision on CUDA: bf16 autocast (the default; REPA runs its encoders
             under autocast too) or fp32. The VAE always runs fp32, as REPA's preprocessing does.
@@ -81,6 +84,7 @@ def build(
         batch_size=batch_size,
         num_workers=num_workers,
         resume=resume,
+        repair=repair,
         device=device,
         precision=precision,
     )

@@ -20,7 +20,7 @@ from .layout import StoreLayout, dequantize_int8, quantize_int8
 from .manifest import FORMAT_VERSION, dataset_fingerprint, read_manifest
 from .reader import StoreReader, open_store
 from .report import VerifyReport, describe_store, format_description, verify_store
-from .writer import StoreWriter
+from .writer import StoreWriter, reopen_shards
 
 __all__ = [
     "FORMAT_VERSION",
@@ -36,5 +36,6 @@ __all__ = [
     "open_store",
     "quantize_int8",
     "read_manifest",
+    "reopen_shards",
     "verify_store",
 ]

@@ -24,7 +24,7 @@ from .errors import StoreError
 from .layout import StoreLayout, quantize_int8, token_grid_for, wds_member_names
 from .manifest import (
     FORMAT_VERSION, FORMATS, MANIFEST_NAME, PARTIAL_SUFFIX, PROGRESS_DIR, atomic_write_json,
-    dataset_fingerprint, package_version, read_json, read_manifest, read_shard_records,
+    dataset_fingerprint, fsync_dir, package_version, read_json, read_manifest, read_shard_records,
     sha256_file, shard_range, shard_record_name, validate_manifest,
 )
 
@@ -479,3 +479,23 @@ class StoreWriter:
         atomic_write_json(self.path / MANIFEST_NAME, m)
         self.manifest = m
         return m
+
+
+def reopen_shards(path: str | os.PathLike, shards: Iterable[int]) -> None:
+    """Mark `shards` of a store as not done, so that a resumed build rewrites them (repair).
+
+    The manifest goes back to state "building" first (readers refuse the store from then on),
+    then the shards' completion records are removed; their data files are replaced when the
+    build rewrites them.
+    """
+    path = Path(path)
+    m = read_manifest(path)
+    bad = sorted(set(int(s) for s in shards))
+    out_of_range = [s for s in bad if not 0 <= s < m["num_shards"]]
+    if out_of_range:
+        raise StoreError(f"store {path}: no shard(s) {out_of_range}; it has {m['num_shards']}")
+    if m["state"] != "building":
+        atomic_write_json(path / MANIFEST_NAME, {**m, "state": "building"})
+    for s in bad:
+        (path / shard_record_name(s)).unlink(missing_ok=True)
+    fsync_dir(path / PROGRESS_DIR)

@@ -357,3 +357,25 @@ def test_cli_interrupt_says_how_to_resume(capsys):
     assert exc.value.code == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "rerun the same command to resume" in err and "Traceback" not in err
+
+
+def test_repair_rebuilds_damaged_shards_to_identical_bytes(image_tree, zarr_store, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(zarr_store, copy)
+    files = sorted(p for p in (copy / "latents").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(files[0].read_bytes())
+    data[100] ^= 0xFF
+    files[0].write_bytes(bytes(data))  # shard 0: a flipped byte
+    victim = sorted(p for p in (copy / "features" / "siglip-vit-b").rglob("*") if p.is_file() and p.name != "zarr.json")[2]
+    victim.unlink()  # shard 2: a deleted file
+    assert sorted(verify_store(copy).bad_shards) == [0, 2]
+    # a plain rerun trusts the completion records ...
+    build_store(data=str(image_tree), out=str(copy), encoder=ENCODERS, shard_size=3, batch_size=2, **TINY)
+    assert "already complete" in capsys.readouterr().out and not verify_store(copy).ok
+    # ... --repair verifies, rewrites shards 0 and 2 only, and ends equal to the undamaged build
+    build_store(data=str(image_tree), out=str(copy), encoder=ENCODERS, shard_size=3, batch_size=2, repair=True, **TINY)
+    assert "shard(s) [0, 2]" in capsys.readouterr().out
+    assert verify_store(copy).ok
+    assert _tree_bytes(copy) == _tree_bytes(zarr_store)
