@@ -401,7 +401,7 @@ def build_store(
     loader = DataLoader(
         DecodeDataset(source, resolution),
         batch_sampler=batches,
-        num_workers=min(num_workers, len(batches)),
+        num_workers=min(num_workers, len(batches), os.cpu_count() or 1),
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
