@@ -179,6 +179,8 @@ def format_description(d: dict, max_skipped: int = 10) -> str:
     width = max((len(k) for k in d["arrays"]), default=0)
     for k, a in d["arrays"].items():
         add(f"    {k:<{width}}  {str(tuple(a['shape'])):<24} {a['dtype']}")
+    if d["latents_from"]:
+        add(f"    {'latents':<{width}}  read from {d['latents_from']['path']} (not stored here)")
     per = f", {_human(d['bytes_per_sample'])} per sample" if d["bytes_per_sample"] else ""
     add(f"  on disk: {_human(d['bytes_total'])}{per}")
     for k, v in d["bytes_by_array"].items():

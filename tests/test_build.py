@@ -267,6 +267,13 @@ def test_latents_from_checks_fingerprint(image_tree, zarr_store, tmp_path):
     np.testing.assert_array_equal(mine.get_batch([1, 4])["latents"], theirs_store.get_batch([1, 4])["latents"])
     np.testing.assert_array_equal(mine.get_batch([1, 4])["features"]["siglip-vit-b"],
                                   theirs_store.get_batch([1, 4])["features"]["siglip-vit-b"])
+    from stores import describe_store, format_description
+
+    text = format_description(describe_store(out))
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("latents ") and "read from" in ln)
+    # the path is kept relative to the store, so the two can move together
+    src = line.split("read from ", 1)[1].split(" (not stored here)")[0]
+    assert (out / src).resolve() == zarr_store.resolve()
 
 
 def test_torchrun_two_ranks_write_disjoint_shards(image_tree, tmp_path):
