@@ -94,7 +94,7 @@ def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -
     return batches
 
 
-def _autocast(device: torch.device, precision: str = "bf16"):
+def encoder_autocast(device: torch.device, precision: str = "bf16"):
     """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32".
     The VAE opts out of autocast itself (``VaeEncoder.encode`` runs fp32)."""
     if device.type == "cuda" and precision == "bf16":
@@ -160,7 +160,7 @@ def _encode_batch(
     """Run the VAE and every encoder on one uint8 batch; float32 numpy arrays keyed by store name."""
     out: dict[str, np.ndarray] = {}
     images = images.to(device, non_blocking=True)
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), encoder_autocast(device, precision):
         if vae is not None:
             mean, std = vae.encode(images)
             out[prefix + "latents"] = torch.cat([mean, std], dim=1).float().cpu().numpy()

@@ -62,7 +62,22 @@ def _int_label_names(labels: Sequence[int]) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)] if labels else []
 
 
-class ImageFolderSource:
+class _FileSource:
+    """A source whose row ``r`` is the file ``paths[r]`` with key ``keys[r]``."""
+
+    paths: list[str]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_bytes(self, row: int) -> bytes:
+        """Raw file bytes of ``row``. I/O errors (a missing file) propagate: they are not data errors."""
+        with open(self.paths[row], "rb") as f:
+            return f.read()
+
+
+class ImageFolderSource(_FileSource):
     """``root/<class>/**/<file>``, enumerated exactly like ``torchvision.datasets.ImageFolder``.
 
     Classes are the sorted sub-directory names of ``root`` (label = position); files come from
@@ -103,14 +118,6 @@ class ImageFolderSource:
         root_s = str(self.root)
         self.keys = [os.path.relpath(p, root_s).replace(os.sep, "/") for p in self.paths]
         _check_unique(self.keys, f"ImageFolder {self.root}")
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def read_bytes(self, row: int) -> bytes:
-        """Raw file bytes of ``row``. I/O errors propagate (they are not data errors)."""
-        with open(self.paths[row], "rb") as f:
-            return f.read()
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "root": str(self.root), "num_samples": len(self),
@@ -319,7 +326,7 @@ class WebDatasetSource:
         return f"WebDatasetSource({len(self.shards)} shards, {len(self)} samples)"
 
 
-class FileListSource:
+class FileListSource(_FileSource):
     """A list of image paths, from a text file (one ``path`` or ``path<TAB>label`` per line;
     blank lines and lines starting with ``#`` are ignored) or a Python list of paths.
 
@@ -379,14 +386,6 @@ class FileListSource:
             self.class_names = sorted(set(texts))  # type: ignore[arg-type]
             idx = {c: i for i, c in enumerate(self.class_names)}
             self.labels = [idx[t] for t in texts]  # type: ignore[index]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def read_bytes(self, row: int) -> bytes:
-        """Raw file bytes of ``row``. I/O errors (missing file) propagate."""
-        with open(self.paths[row], "rb") as f:
-            return f.read()
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "list_file": self.list_file, "root": self.root,

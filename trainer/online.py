@@ -11,7 +11,6 @@ through the same loss code as a cached one (``trainer.train.Objective``), in the
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.build import encoder_autocast
 from trainer.data import IndexOrder, LoaderSpec
 
 __all__ = ["OnlineSource", "ImageBatches"]
@@ -59,13 +59,6 @@ class ImageBatches(Dataset):
             labels.append(int(self.source.labels[row]))
         return {"image": torch.from_numpy(np.stack(images)), "label": torch.as_tensor(labels, dtype=torch.int64),
                 "index": torch.as_tensor(idx, dtype=torch.int64)}
-
-
-def _autocast(device: torch.device):
-    # the same precision as the build (pipeline.build encodes under bf16 autocast on CUDA)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class OnlineBatches:
@@ -227,7 +220,7 @@ class OnlineSource:
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """uint8 images -> (posterior [b, 2C, h, w] float32, [features [b, T, D] float32 per encoder])."""
         images = images.to(self.device, non_blocking=self.device.type == "cuda")
-        with _autocast(self.device):
+        with encoder_autocast(self.device):  # the build's precision rule
             mean, std = self.vae.encode(images)
             feats = [self.encoder_models[n](images)[0].float() for n in self.encoders]
         return torch.cat([mean.float(), std.float()], dim=1), feats

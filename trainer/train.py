@@ -49,10 +49,9 @@ __all__ = ["TrainConfig", "Dist", "setup_distributed", "Objective", "StepDraws",
 
 def split_list(value: str | Sequence[str] | None) -> list[str] | None:
     """``"a,b"`` / ``("a", "b")`` / None (fire passes any of them) -> list or None."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    return [v.strip() for v in items if v.strip()]
+    from pipeline.build import split_names
+
+    return None if value is None else split_names(value)
 
 
 @dataclass
