@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def bench_one(preset: str, hidden: int, batch: int, side: int, z_dim: int, proj_dim: int, chunk: int | None,
               dev: torch.device, args) -> dict:
-    from trainer.align import AlignmentLoss, build_projector, resolve_align
+    from irepa.trainer.align import AlignmentLoss, build_projector, resolve_align
 
     cfg = resolve_align(preset, projector_dim=proj_dim)
     g = torch.Generator().manual_seed(0)

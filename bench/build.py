@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _make_images(root: str, start: int, stop: int, seed: int, classes: int) -> None:
     from PIL import Image
 
-    from pipeline.sources import default_sample_source
+    from irepa.pipeline.sources import default_sample_source
 
     photos = [Image.open(p).convert("RGB") for p in default_sample_source().paths]
     for i in range(start, stop):
@@ -124,8 +124,8 @@ def decode_rate(folder: Path, resolution: int, batch: int, workers: int, limit: 
     """images/s of the build's decode DataLoader alone (worker start-up included, as in a build)."""
     from torch.utils.data import DataLoader
 
-    from pipeline.sources import open_source
-    from pipeline.transforms import DecodeDataset
+    from irepa.pipeline.sources import open_source
+    from irepa.pipeline.transforms import DecodeDataset
 
     source = open_source(str(folder))
     n = len(source) if limit is None else min(limit, len(source))
@@ -183,8 +183,8 @@ def main(argv=None) -> dict:
         rec["decode"] = dec
 
         # ---- model-bound
-        from pipeline.build import _encode_batch
-        from pipeline.encoders import load_encoder
+        from irepa.pipeline.build import _encode_batch
+        from irepa.pipeline.encoders import load_encoder
         from bench.common import sample_images
 
         vae = make_vae(size["vae"]).eval().to(dev)
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
         # ---- end to end
         build_rate = None
         if not args.no_build:
-            from pipeline.build import build_store
+            from irepa.pipeline.build import build_store
             from bench.common import save_random_sd_vae
 
             try:  # diffusers' from_pretrained nags about `accelerate` on every load

@@ -207,7 +207,7 @@ SD_VAE_CONFIG: dict[str, Any] = dict(
 
 def make_vae(kind: str, seed: int = 0):
     """``pipeline.vae.VaeEncoder`` around a random SD-VAE (``"sd-random"``) or ``"tiny"``."""
-    from pipeline.vae import VaeEncoder, load_vae
+    from irepa.pipeline.vae import VaeEncoder, load_vae
 
     if kind == "tiny":
         return load_vae("tiny")
@@ -240,8 +240,8 @@ def sample_images(resolution: int, n: int) -> torch.Tensor:
     """``n`` ADM-cropped uint8 images [n, 3, R, R] from the repository's bundled photos (cycled)."""
     import numpy as np
 
-    from pipeline.sources import default_sample_source
-    from pipeline.transforms import decode_and_crop
+    from irepa.pipeline.sources import default_sample_source
+    from irepa.pipeline.transforms import decode_and_crop
 
     src = default_sample_source()
     imgs = [decode_and_crop(src.read_bytes(i), resolution) for i in range(len(src))]

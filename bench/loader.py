@@ -87,8 +87,8 @@ def loader_read(path: Path, fmt: str, workers: int, batch: int, samples: int, en
     are included: timing only after the first batch would leave out most of the reading, which
     happens while the buffer fills.
     """
-    from stores import open_store
-    from trainer.data import LoaderSpec, StoreLoader
+    from irepa.stores import open_store
+    from irepa.trainer.data import LoaderSpec, StoreLoader
 
     reader = open_store(path)
     n_batches = max(1, samples // batch)
@@ -112,7 +112,7 @@ def reader_read(path: Path, batch: int, samples: int, enc: str, fp16: bool) -> t
     features kept fp16 when ``fp16`` (the reader's ``features_dtype``; None if it has none)."""
     import inspect
 
-    from stores import open_store
+    from irepa.stores import open_store
 
     reader = open_store(path)
     kw = {"encoders": [enc], "with_keys": False}
@@ -135,7 +135,7 @@ def trainer_demand() -> tuple[float, str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.models import build_sit
+    from irepa.trainer.models import build_sit
 
     with torch.device("meta"):
         m = build_sit("SiT-B/2", input_size=32, z_dims=[768], projector="conv")
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [0, min(8, os.cpu_count() or 1)]
     if args.smoke:
         workers = [0, 1]
-    from stores.testing import make_synthetic_store
+    from irepa.stores.testing import make_synthetic_store
 
     work = Path(tempfile.mkdtemp(prefix="irepa-bench-loader-", dir=args.workdir))
     enc = "dinov2-vit-b"

@@ -63,7 +63,7 @@ def write_store(path: Path, fmt: str, *, rows: int, shard: int, tokens: int, dim
     """Write a complete store with StoreWriter; ``feats`` maps encoder -> float32 [rows, T, D]
     (random normal values when None; values never matter for the byte count since payloads are
     stored uncompressed, but all-zero rows would be omitted by zarr)."""
-    from stores import StoreLayout, StoreWriter
+    from irepa.stores import StoreLayout, StoreWriter
 
     side = int(round(tokens ** 0.5))
     layout = StoreLayout(num_rows=rows, shard_size=shard, latent_channels2=2 * LATENT_C,
@@ -168,7 +168,7 @@ def synthetic_features(kind: str, n: int, tokens: int, dim: int, seed: int = 0) 
 
 def roundtrip(work: Path, feats: np.ndarray, dtype: str) -> np.ndarray:
     """Write ``feats`` [N, T, D] to a zarr store of ``dtype``, read it back via open_store."""
-    from stores import open_store
+    from irepa.stores import open_store
 
     n, t, d = feats.shape
     p = work / f"fid-{dtype}"
@@ -192,7 +192,7 @@ def loss_change(ref: np.ndarray, other: np.ndarray, preset: str, seed: int = 0) 
     import torch
     import torch.nn as nn
 
-    from trainer.align import alignment_loss_reference, resolve_align, spatial_normalize
+    from irepa.trainer.align import alignment_loss_reference, resolve_align, spatial_normalize
 
     cfg = resolve_align(preset)
     z = torch.from_numpy(ref)
@@ -221,7 +221,7 @@ def fidelity_row(work: Path, name: str, feats: np.ndarray) -> dict:
 
 
 def features_from_store(path: str, n: int) -> tuple[str, np.ndarray]:
-    from stores import open_store
+    from irepa.stores import open_store
 
     r = open_store(path)
     enc = r.encoders[0]

@@ -63,14 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cached_batch(work: Path, size: dict, batch: int, enc_dim: int, enc: str) -> dict:
     """One batch as the trainer's loader delivers it, from a real zarr store of ``batch`` samples."""
-    from stores.testing import make_synthetic_store
-    from trainer.data import LoaderSpec, StoreLoader
+    from irepa.stores.testing import make_synthetic_store
+    from irepa.trainer.data import LoaderSpec, StoreLoader
 
     R = size["resolution"]
     grid = (R // 16, R // 16)
     path = make_synthetic_store(work / f"store-{enc}", num_samples=batch, encoders={enc: enc_dim}, grid=grid,
                                 latent_channels=4, shard_size=batch, num_classes=1000)
-    from stores import open_store
+    from irepa.stores import open_store
 
     reader = open_store(path)
     loader = StoreLoader(path, kind="index", num_samples=len(reader), spec=LoaderSpec(global_batch=batch),
@@ -81,13 +81,13 @@ def cached_batch(work: Path, size: dict, batch: int, enc_dim: int, enc: str) -> 
 
 def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch: int, dev: torch.device,
               args, work: Path, vae) -> dict:
-    from pipeline.encoders import load_encoder
-    from trainer.align import AlignmentLoss, resolve_align
-    from trainer.data import LatentNorm, sample_posterior
-    from trainer.loss import FlowMatching
-    from trainer.models import build_sit
-    from trainer.online import OnlineSource
-    from trainer.train import Objective, StepDraws, update_ema
+    from irepa.pipeline.encoders import load_encoder
+    from irepa.trainer.align import AlignmentLoss, resolve_align
+    from irepa.trainer.data import LatentNorm, sample_posterior
+    from irepa.trainer.loss import FlowMatching
+    from irepa.trainer.models import build_sit
+    from irepa.trainer.online import OnlineSource
+    from irepa.trainer.train import Objective, StepDraws, update_ema
 
     R = size["resolution"]
     enc = load_encoder(enc_name, resolution=R, pretrained=False, config=size["encoder_config"]).eval().to(dev)
@@ -181,10 +181,10 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
     the meta device (no memory, no time): the floor of the alignment overhead ratio."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.align import AlignmentLoss
-    from trainer.loss import FlowMatching
-    from trainer.models import build_sit
-    from trainer.train import Objective
+    from irepa.trainer.align import AlignmentLoss
+    from irepa.trainer.loss import FlowMatching
+    from irepa.trainer.models import build_sit
+    from irepa.trainer.train import Objective
 
     out = {}
     with torch.device("meta"):

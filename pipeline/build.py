@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stores import StoreError, StoreLayout, StoreWriter, open_store
+from irepa.stores import StoreError, StoreLayout, StoreWriter, open_store
 
 from .encoders import Encoder, load_encoder
 from .sources import default_sample_source, open_source
@@ -176,7 +176,7 @@ def _encode_batch(
 
 def _reopen_damaged_shards(out: str) -> None:
     """--repair: verify every shard file and mark the damaged shards for rewriting."""
-    from stores import reopen_shards, verify_store
+    from irepa.stores import reopen_shards, verify_store
 
     if not (Path(out) / "manifest.json").exists():
         return
@@ -194,7 +194,7 @@ def _already_complete(out: str, fingerprint: str, encoders: list[str], resolutio
                       flip: bool, feature_dtype: str) -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
     rerun can stop before loading any model. Anything else goes through the writer's checks."""
-    from stores import read_manifest
+    from irepa.stores import read_manifest
 
     if not (Path(out) / "manifest.json").exists():
         return False
@@ -286,7 +286,7 @@ def build_store(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
 
-    from stores import dataset_fingerprint
+    from irepa.stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
     if repair and dist.rank == 0:

@@ -64,7 +64,7 @@ def build(
             CPU builds run fp32 throughout.
     """
     from .build import build_store
-    from stores import describe_store, format_description
+    from irepa.stores import describe_store, format_description
 
     path = build_store(
         data=data,
@@ -95,7 +95,7 @@ def build(
 
 def inspect(store: str, json_out: bool = False) -> None:
     """Print what a store holds: counts, arrays, bytes on disk and per sample, skipped inputs, provenance."""
-    from stores import describe_store, format_description
+    from irepa.stores import describe_store, format_description
 
     info = describe_store(store)
     print(json.dumps(info, indent=2) if json_out else format_description(info))
@@ -103,7 +103,7 @@ def inspect(store: str, json_out: bool = False) -> None:
 
 def verify(store: str) -> None:
     """Recompute every shard checksum; exit 1 naming each bad shard, or if the store is unfinished."""
-    from stores import verify_store
+    from irepa.stores import verify_store
 
     report = verify_store(store)
     print(report.format() if hasattr(report, "format") else report)
@@ -136,11 +136,11 @@ COMMANDS = {"build": build, "inspect": inspect, "verify": verify, "metrics": met
 def run_fire(component, name: str, command: list[str] | None = None) -> None:
     """fire.Fire, with user errors (bad store, bad data, bad flag value) printed as one line and
     exit status 2 instead of a traceback; IREPA_DEBUG=1 shows the traceback."""
-    from stores import StoreError
+    from irepa.stores import StoreError
 
     user_errors: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError)
     try:
-        from trainer.checkpoint import CheckpointError
+        from irepa.trainer.checkpoint import CheckpointError
 
         user_errors += (CheckpointError,)
     except ImportError:

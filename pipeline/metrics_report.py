@@ -302,7 +302,7 @@ def _refuse_featureless(reader, path: str) -> None:
         msg = (f"store {path} holds no encoder features (no features/<encoder> arrays, e.g. a "
                f"latents-only store); spatial metrics need a store built with --encoder")
         try:
-            from stores import StoreError
+            from irepa.stores import StoreError
         except ImportError:  # pragma: no cover - stores/ is a hard dependency of pipeline/
             raise ValueError(msg) from None
         raise StoreError(msg)
@@ -611,7 +611,7 @@ def run_metrics(
         raise ValueError("name at least one store")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fid_table = read_fid_table(fid) if fid else None  # fail before the long part
-    from stores import open_store
+    from irepa.stores import open_store
 
     readers = []
     for path in stores:  # refuse any unusable store before the long part

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.align import (
+from irepa.trainer.align import (
     PRESETS,
     AlignConfig,
     AlignmentLoss,
@@ -315,7 +315,7 @@ def test_compiled_fused_path_matches_eager_reference():
     cfg = AlignConfig(projector="conv", kernel=3, spatial_norm="zscore", gamma=1.0)
     ref = alignment_loss_reference(projs, h, targets, cfg)
     compiled = AlignmentLoss(projs, cfg, fused=True, chunk_size=2, compile=True)(h, targets)
-    import trainer.align as align_mod
+    import irepa.trainer.align as align_mod
 
     assert align_mod._COMPILED_LOSS_SUM is not None  # the compiled function was built and used
     torch.testing.assert_close(compiled["loss"], ref["loss"], rtol=1e-5, atol=1e-6)

@@ -15,12 +15,12 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.build import build_store
-from pipeline.cli import verify as verify_cmd
-from pipeline.encoders import load_encoder
-from pipeline.transforms import decode_and_crop
-from pipeline.vae import load_vae
-from stores import StoreError, open_store, verify_store
+from irepa.pipeline.build import build_store
+from irepa.pipeline.cli import verify as verify_cmd
+from irepa.pipeline.encoders import load_encoder
+from irepa.pipeline.transforms import decode_and_crop
+from irepa.pipeline.vae import load_vae
+from irepa.stores import StoreError, open_store, verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vae="tiny", encoder_config="tiny", num_workers=0, progress=False, device="cpu")
@@ -177,7 +177,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 KILL_SCRIPT = """
 import os, signal, sys
-import stores.writer as w
+import irepa.stores.writer as w
 orig = w.StoreWriter.write_shard
 count = [0]
 def write_then_die(self, shard, arrays, skipped):
@@ -187,7 +187,7 @@ def write_then_die(self, shard, arrays, skipped):
         # a torn write of the next shard's file, then a hard kill mid-build
         os.kill(os.getpid(), signal.SIGKILL)
 w.StoreWriter.write_shard = write_then_die
-from pipeline.build import build_store
+from irepa.pipeline.build import build_store
 build_store(data=sys.argv[1], out=sys.argv[2], encoder="dinov2-vit-b", shard_size=2, batch_size=2,
             vae="tiny", encoder_config="tiny", num_workers=0, progress=False, device="cpu")
 """
@@ -253,7 +253,7 @@ def test_latents_from_checks_fingerprint(image_tree, zarr_store, tmp_path):
                     latents_from=str(zarr_store), **TINY)
     theirs = open_store(zarr_store).manifest["dataset"]["fingerprint"]
     assert theirs in str(err.value)
-    from stores import dataset_fingerprint
+    from irepa.stores import dataset_fingerprint
 
     assert dataset_fingerprint(["x/one.png"]) in str(err.value)
 
@@ -267,7 +267,7 @@ def test_latents_from_checks_fingerprint(image_tree, zarr_store, tmp_path):
     np.testing.assert_array_equal(mine.get_batch([1, 4])["latents"], theirs_store.get_batch([1, 4])["latents"])
     np.testing.assert_array_equal(mine.get_batch([1, 4])["features"]["siglip-vit-b"],
                                   theirs_store.get_batch([1, 4])["features"]["siglip-vit-b"])
-    from stores import describe_store, format_description
+    from irepa.stores import describe_store, format_description
 
     text = format_description(describe_store(out))
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("latents ") and "read from" in ln)
@@ -285,7 +285,7 @@ def test_torchrun_two_ranks_write_disjoint_shards(image_tree, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"ranks{nproc}"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", str(29510 + nproc), "-m", "pipeline.cli", *args, "--out", str(out)],
+                               "--master_port", str(29510 + nproc), "-m", "irepa.pipeline.cli", *args, "--out", str(out)],
                               cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("store written") == 1  # rank 0 alone reports
@@ -294,7 +294,7 @@ def test_torchrun_two_ranks_write_disjoint_shards(image_tree, tmp_path):
 
 
 def test_cli_help_and_demo_defaults(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", "--help"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "irepa.pipeline.cli", "build", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PAGER": "cat"})
     assert proc.returncode == 0
     helptext = proc.stdout + proc.stderr  # fire writes help to stderr when not on a terminal
@@ -307,7 +307,7 @@ def test_cli_help_and_demo_defaults(tmp_path):
 
 
 def test_cli_user_errors_are_one_line_with_exit_2(zarr_store, tmp_path, capsys):
-    from pipeline.cli import COMMANDS, run_fire
+    from irepa.pipeline.cli import COMMANDS, run_fire
 
     before = _tree_bytes(zarr_store)
     with pytest.raises(SystemExit) as exc:
@@ -323,7 +323,7 @@ def test_cli_user_errors_are_one_line_with_exit_2(zarr_store, tmp_path, capsys):
 
 
 def test_parse_weights_forms_and_errors():
-    from pipeline.build import parse_weights
+    from irepa.pipeline.build import parse_weights
 
     assert parse_weights("w.safetensors", ["dinov2-vit-b"]) == {"dinov2-vit-b": "w.safetensors"}
     assert parse_weights("a=x.pt,b=y.pt", ["a", "b"]) == {"a": "x.pt", "b": "y.pt"}
@@ -336,7 +336,7 @@ def test_parse_weights_forms_and_errors():
 
 
 def test_rerun_of_a_finished_build_loads_no_model(image_tree, zarr_store, monkeypatch, capsys):
-    import pipeline.build as build_mod
+    import irepa.pipeline.build as build_mod
 
     before = _tree_bytes(zarr_store)
 
@@ -354,7 +354,7 @@ def test_rerun_of_a_finished_build_loads_no_model(image_tree, zarr_store, monkey
 
 
 def test_cli_interrupt_says_how_to_resume(capsys):
-    from pipeline.cli import run_fire
+    from irepa.pipeline.cli import run_fire
 
     def interrupted():
         raise KeyboardInterrupt

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stores import open_store
-from stores.testing import make_synthetic_store
-from trainer.data import (IndexOrder, LatentNorm, LoaderSpec, StoreLoader, WdsStreams, epoch_flips, epoch_order,
+from irepa.stores import open_store
+from irepa.stores.testing import make_synthetic_store
+from irepa.trainer.data import (IndexOrder, LatentNorm, LoaderSpec, StoreLoader, WdsStreams, epoch_flips, epoch_order,
                           sample_posterior, shuffle_buffer)
 
 

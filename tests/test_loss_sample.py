@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.loss import FlowMatching, interpolant, mean_flat
-from trainer.models import build_sit
-from trainer.sample import guidance_active, sample, velocity_to_score
+from irepa.trainer.loss import FlowMatching, interpolant, mean_flat
+from irepa.trainer.models import build_sit
+from irepa.trainer.sample import guidance_active, sample, velocity_to_score
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.models import (
+from irepa.trainer.models import (
     SIT_CONFIGS,
     SiT,
     build_sit,

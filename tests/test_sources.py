@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.sources import (
+from irepa.pipeline.sources import (
     FileListSource,
     ImageFolderSource,
     SourceError,
@@ -19,7 +19,7 @@ from pipeline.sources import (
     default_sample_source,
     open_source,
 )
-from pipeline.transforms import (
+from irepa.pipeline.transforms import (
     DecodeDataset,
     DecodeError,
     center_crop_adm,

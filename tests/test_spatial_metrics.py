@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics_report as mr
-from pipeline.spatial_metrics import (
+from irepa.pipeline import metrics_report as mr
+from irepa.pipeline.spatial_metrics import (
     correlogram,
     infer_grid,
     manhattan_distance,
@@ -369,7 +369,7 @@ ENCODERS = {"enc_a": 8, "enc_b": 12, "enc_c": 6}
 
 @pytest.fixture(scope="module")
 def zarr_store(tmp_path_factory):
-    from stores.testing import make_synthetic_store
+    from irepa.stores.testing import make_synthetic_store
 
     root = tmp_path_factory.mktemp("stores")
     return make_synthetic_store(root / "multi", num_samples=20, encoders=ENCODERS, grid=(6, 6),
@@ -377,7 +377,7 @@ def zarr_store(tmp_path_factory):
 
 
 def _expected_per_image(store, indices, enc, **kw):
-    from stores import open_store
+    from irepa.stores import open_store
 
     reader = open_store(store)
     feats = torch.from_numpy(reader.get_batch(indices, with_latents=False)["features"][enc])
@@ -440,7 +440,7 @@ def test_run_metrics_on_synthetic_store(zarr_store, tmp_path, capsys):
 
 def test_run_metrics_two_stores_and_wds(zarr_store, tmp_path):
     """Same encoder name in two stores -> rows "store/encoder"; the wds backend reads the same samples."""
-    from stores.testing import make_synthetic_store
+    from irepa.stores.testing import make_synthetic_store
 
     wds = make_synthetic_store(tmp_path / "multi_wds", num_samples=20, encoders=ENCODERS, grid=(6, 6),
                                format="wds", shard_size=8, skipped_rows=[3])
@@ -455,8 +455,8 @@ def test_run_metrics_two_stores_and_wds(zarr_store, tmp_path):
 
 
 def test_store_without_features_is_refused(tmp_path):
-    from stores import StoreError
-    from stores.testing import make_synthetic_store
+    from irepa.stores import StoreError
+    from irepa.stores.testing import make_synthetic_store
 
     lat = make_synthetic_store(tmp_path / "latents_only", encoders={})
     good = make_synthetic_store(tmp_path / "good", encoders={"a": 4})
@@ -467,7 +467,7 @@ def test_store_without_features_is_refused(tmp_path):
 
 def test_masks_folder_and_array(zarr_store, tmp_path):
     from PIL import Image
-    from stores import open_store
+    from irepa.stores import open_store
 
     reader = open_store(zarr_store)
     n = len(reader)

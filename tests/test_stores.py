@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stores import (
+from irepa.stores import (
     StoreError, StoreLayout, StoreWriter, dataset_fingerprint, describe_store, format_description,
     open_store, quantize_int8, verify_store,
 )
-from stores import wds_backend
-from stores.layout import dequantize_int8
-from stores.testing import make_synthetic_store, synthetic_arrays
+from irepa.stores import wds_backend
+from irepa.stores.layout import dequantize_int8
+from irepa.stores.testing import make_synthetic_store, synthetic_arrays
 
 FORMATS = ["zarr", "wds"]
 
@@ -178,7 +178,7 @@ def test_plain_zarr_and_plain_tarfile_can_read(tmp_path):
 def test_shard_files_are_the_bytes_zarr_itself_writes(tmp_path):
     import zarr
 
-    from stores.zarr_backend import chunk_file, create_arrays
+    from irepa.stores.zarr_backend import chunk_file, create_arrays
 
     layout = _layout(feature_dtype="int8", with_cls=True, flip=True)
     _build(tmp_path / "s", "zarr", layout, skipped={2, 17})

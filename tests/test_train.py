@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from stores import StoreError, StoreLayout, StoreWriter
-from stores.testing import make_synthetic_store
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from trainer.data import LatentNorm
-from trainer.models import build_sit
-from trainer.sample import sample
-from trainer.store_checks import StoreMismatchError
-from trainer.train import TrainConfig, run
+from irepa.stores import StoreError, StoreLayout, StoreWriter
+from irepa.stores.testing import make_synthetic_store
+from irepa.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from irepa.trainer.data import LatentNorm
+from irepa.trainer.models import build_sit
+from irepa.trainer.sample import sample
+from irepa.trainer.store_checks import StoreMismatchError
+from irepa.trainer.train import TrainConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="SiT-S/2", hidden_size=32, depth=2, num_heads=2, projector_dim=32)
@@ -138,7 +138,7 @@ def test_checkpoint_is_pickle_free_and_refuses_other_files(tmp_path, store):
     assert not list((tmp_path / "r" / "checkpoints").glob(".*tmp*"))
     bad = tmp_path / "bad.pt"
     torch.save({"x": Path("a")}, bad)  # a pickled Python object: refused, never unpickled
-    from trainer.checkpoint import CheckpointError
+    from irepa.trainer.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(bad)
     torch.save({"w": torch.zeros(1)}, bad)
@@ -150,7 +150,7 @@ def test_checkpoint_is_pickle_free_and_refuses_other_files(tmp_path, store):
 
 
 def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the installed package (irepa.*), any cwd
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -166,7 +166,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, store):
              "--projector-dim", "32", "--batch-size", "8", "--steps", "3", "--lr", "1e-3", "--log-every", "1",
              "--ckpt-every", "0", "--sample-every", "0", "--num-workers", "0", "--progress", "False",
              "--device", "cpu", "--out", str(two)]
-    _torchrun(["-m", "trainer"] + flags, tmp_path)
+    _torchrun(["-m", "irepa.trainer"] + flags, tmp_path)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
@@ -225,7 +225,7 @@ def test_unfinished_and_corrupt_stores_are_refused(tmp_path):
 
 
 def test_irepa_sample_writes_adm_npz_and_shards_across_ranks(tmp_path, store):
-    from trainer.cli import sample as sample_cli
+    from irepa.trainer.cli import sample as sample_cli
 
     run(cfg(cache=str(store), steps=2, out=str(tmp_path / "r")))
     kw = dict(num_samples=5, batch_size=1, method="heun", steps=3, cfg_scale=1.5, vae="tiny", device="cpu", progress=False)
@@ -239,7 +239,7 @@ def test_irepa_sample_writes_adm_npz_and_shards_across_ranks(tmp_path, store):
     for k, v in kw.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
     script = tmp_path / "irepa_sample.py"
-    script.write_text("from trainer.cli import sample_main\nsample_main()\n")
+    script.write_text("from irepa.trainer.cli import sample_main\nsample_main()\n")
     _torchrun([str(script)] + flags, tmp_path)
     with np.load(tmp_path / "two" / "samples.npz", allow_pickle=False) as f:
         assert np.array_equal(f["arr_0"], arr)
@@ -257,8 +257,8 @@ def test_irepa_sample_writes_adm_npz_and_shards_across_ranks(tmp_path, store):
 
 
 def test_cli_help_lists_flags():
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for mod, flag in (("trainer", "--latent_norm"), ("trainer.cli", "--cache")):
+    env = dict(os.environ)
+    for mod, flag in (("irepa.trainer", "--latent_norm"), ("irepa.trainer.cli", "--cache")):
         res = subprocess.run([sys.executable, "-m", mod, "--help"], env=env, capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 0 and flag in res.stdout + res.stderr, res.stderr[-2000:]
@@ -268,7 +268,7 @@ def test_cli_help_lists_flags():
 
 
 def test_online_and_cache_give_the_same_loss(tmp_path):
-    from pipeline.build import build_store
+    from irepa.pipeline.build import build_store
 
     store = build_store(data=None, out=str(tmp_path / "store"), encoder="dinov2-vit-s", vae="tiny",
                         encoder_config="tiny", resolution=32, shard_size=4, batch_size=4, num_workers=0,
@@ -309,7 +309,7 @@ def test_plain_alignment_flag_matches_fused(store, tmp_path):
 
 def test_sde_samples_do_not_depend_on_batching(tmp_path, store):
     """SDE noise is drawn per image from (seed, i): batch size (and so ranks) cannot change it."""
-    from trainer.cli import sample as sample_cli
+    from irepa.trainer.cli import sample as sample_cli
 
     run(cfg(cache=str(store), steps=2, out=str(tmp_path / "r")))
     kw = dict(num_samples=4, method="sde", steps=4, vae="tiny", device="cpu", progress=False, use_ema=False)

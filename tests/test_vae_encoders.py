@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.encoders import ENCODERS, EncoderSpec, load_encoder, resolve_encoder
-from pipeline.transforms import center_crop_adm
-from pipeline.vae import load_vae
+from irepa.pipeline.encoders import ENCODERS, EncoderSpec, load_encoder, resolve_encoder
+from irepa.pipeline.transforms import center_crop_adm
+from irepa.pipeline.vae import load_vae
 
 skdata = pytest.importorskip("skimage.data")
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,6 +1,6 @@
-"""``python -m trainer`` / ``torchrun -m trainer``: the same as ``irepa-train``."""
+"""``python -m irepa.trainer`` / ``torchrun -m irepa.trainer``: the same as ``irepa-train``."""
 
-from trainer.cli import main
+from irepa.trainer.cli import main
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,7 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary name in the same folder, fsync, then rename over ``path``."""
-    from stores.manifest import atomic_open
+    from irepa.stores.manifest import atomic_open
 
     path = Path(path)
     with atomic_open(path, tmp=path.with_name(f".{path.name}.tmp-{os.getpid()}")) as f:

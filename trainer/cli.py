@@ -1,6 +1,6 @@
 """``irepa-train`` and ``irepa-sample`` (built with fire; ``--help`` lists every flag).
 
-``torchrun --nproc_per_node N -m trainer ...`` runs ``irepa-train`` under DDP.
+``torchrun --nproc_per_node N -m irepa.trainer ...`` runs ``irepa-train`` under DDP.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def train(
         tensorboard: also log to <out>/tensorboard.
         progress: show the tqdm bar.
     """
-    from trainer.train import TrainConfig, run, split_list
+    from irepa.trainer.train import TrainConfig, run, split_list
 
     cfg = TrainConfig(
         cache=cache, model=model, align=align, proj_coeff=proj_coeff, projector=projector,
@@ -217,9 +217,9 @@ def sample(
 
 def _load_sampling_model(ckpt: str | None, init_from: str | None, use_ema: bool, kw: dict):
     """(model, latent norm, vae id, path type) from our checkpoint or a REPA/iREPA one."""
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
-    from trainer.data import LatentNorm
-    from trainer.models import build_sit, load_reference_state_dict
+    from irepa.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from irepa.trainer.data import LatentNorm
+    from irepa.trainer.models import build_sit, load_reference_state_dict
 
     if ckpt is not None:
         p = Path(ckpt)
@@ -241,7 +241,7 @@ def _load_sampling_model(ckpt: str | None, init_from: str | None, use_ema: bool,
         return model, norm, vae_id, c["args"].get("path_type", "linear")
     if init_from is None:
         raise ValueError("irepa-sample needs --ckpt (an irepa-train checkpoint or run folder) or --init-from")
-    from trainer.train import load_foreign_checkpoint
+    from irepa.trainer.train import load_foreign_checkpoint
 
     over = {k: int(kw[k]) for k in ("hidden_size", "depth", "num_heads", "patch_size") if kw.get(k) is not None}
     if kw["resolution"] % 8:
@@ -271,15 +271,15 @@ def run_sampling(**kw: Any) -> Path:
     import torch
     import torch.distributed as dist
 
-    from trainer.data import mix_seed
-    from trainer.sample import sample as integrate
-    from trainer.train import save_image_grid, setup_distributed
+    from irepa.trainer.data import mix_seed
+    from irepa.trainer.sample import sample as integrate
+    from irepa.trainer.train import save_image_grid, setup_distributed
 
     d = setup_distributed(kw["device"])
     try:
         model, norm, vae_id, path_type = _load_sampling_model(kw["ckpt"], kw["init_from"], kw["use_ema"], kw)
         model = model.to(d.device).eval()
-        from pipeline.vae import load_vae
+        from irepa.pipeline.vae import load_vae
 
         vae = load_vae(kw["vae"] or vae_id or "stabilityai/sd-vae-ft-ema", device=d.device)
         out = Path(kw["out"])
@@ -358,14 +358,14 @@ def _atomic_npz(path: Path, **arrays: Any) -> None:
 
 def main() -> None:
     """Console entry point of ``irepa-train``."""
-    from pipeline.cli import run_fire
+    from irepa.pipeline.cli import run_fire
 
     run_fire(train, "irepa-train")
 
 
 def sample_main() -> None:
     """Console entry point of ``irepa-sample``."""
-    from pipeline.cli import run_fire
+    from irepa.pipeline.cli import run_fire
 
     run_fire(sample, "irepa-sample")
 

@@ -175,7 +175,7 @@ class _LazyStore:
             if self._opener is not None:
                 self._reader = self._opener(self.path)
             else:
-                from stores import open_store
+                from irepa.stores import open_store
                 self._reader = open_store(self.path)
         return self._reader
 

@@ -314,7 +314,7 @@ class SiT(nn.Module):
         attn: str = "sdpa",
     ):
         super().__init__()
-        from trainer.align import build_projector  # local import: align imports nothing from here
+        from irepa.trainer.align import build_projector  # local import: align imports nothing from here
 
         input_hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         z_dims = tuple(int(z) for z in z_dims)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.build import encoder_autocast
-from trainer.data import IndexOrder, LoaderSpec
+from irepa.pipeline.build import encoder_autocast
+from irepa.trainer.data import IndexOrder, LoaderSpec
 
 __all__ = ["OnlineSource", "ImageBatches"]
 
@@ -42,7 +42,7 @@ class ImageBatches(Dataset):
         return self.length
 
     def __getitem__(self, j: int) -> dict:
-        from pipeline.transforms import DecodeError, decode_and_crop
+        from irepa.pipeline.transforms import DecodeError, decode_and_crop
 
         idx, flip = self.order.batch(j)
         images, labels = [], []
@@ -107,7 +107,7 @@ class OnlineSource:
 
     @classmethod
     def create(cls, cfg: Any, reader: Any | None, d: Any, models: dict | None = None) -> "OnlineSource":
-        from pipeline.sources import default_sample_source, open_source
+        from irepa.pipeline.sources import default_sample_source, open_source
 
         manifest = reader.manifest if reader is not None else None
         data = cfg.data
@@ -117,7 +117,7 @@ class OnlineSource:
             raise ValueError("--online needs images: pass --data PATH, or --cache STORE to reuse the store's source")
         source = default_sample_source() if data == BUNDLED else open_source(data)
         if reader is not None:
-            from stores import dataset_fingerprint
+            from irepa.stores import dataset_fingerprint
             fp = dataset_fingerprint(source.keys)
             want = manifest["dataset"]["fingerprint"]
             if fp != want:
@@ -133,7 +133,7 @@ class OnlineSource:
         models = models or {}
         vae = models.get("vae")
         if vae is None:
-            from pipeline.vae import load_vae
+            from irepa.pipeline.vae import load_vae
             vae_id = cfg.vae or ((manifest or {}).get("vae") or {}).get("id") or DEFAULT_VAE
             vae = load_vae(vae_id)
         vae = vae.eval().to(d.device)
@@ -149,9 +149,9 @@ class OnlineSource:
 
     @staticmethod
     def _load_encoders(cfg: Any, manifest: dict | None, resolution: int) -> dict:
-        from pipeline.encoders import load_encoder
-        from pipeline.build import parse_weights
-        from trainer.train import split_list
+        from irepa.pipeline.encoders import load_encoder
+        from irepa.pipeline.build import parse_weights
+        from irepa.trainer.train import split_list
 
         names = split_list(cfg.encoders) or (list((manifest or {}).get("encoders") or {}) or [DEFAULT_ENCODER])
         if cfg.align == "none":
@@ -201,7 +201,7 @@ class OnlineSource:
         return m
 
     def check(self, model: Any, encoders: Sequence[str]) -> None:
-        from trainer.store_checks import StoreMismatchError
+        from irepa.trainer.store_checks import StoreMismatchError
 
         c2, h, w = self.latent_shape
         grid = (h // model.patch_size, w // model.patch_size)

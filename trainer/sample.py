@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from trainer.loss import interpolant
+from irepa.trainer.loss import interpolant
 
 __all__ = ["METHODS", "sample", "velocity_to_score", "guidance_active"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from stores import StoreError
+from irepa.stores import StoreError
 
 __all__ = ["StoreMismatchError", "ModelNeeds", "check_store_state", "check_store", "verify"]
 
@@ -63,7 +63,7 @@ def check_store_state(path: str | Path, manifest: dict) -> None:
 def verify(path: str | Path) -> None:
     """Recompute every shard checksum (``stores.verify_store`` via ``open_store(verify_checksums=True)``);
     a mismatch raises ``StoreError`` naming the store and the bad shard."""
-    from stores import open_store
+    from irepa.stores import open_store
 
     try:
         open_store(path, verify_checksums=True)

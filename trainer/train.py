@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from trainer.align import AlignmentLoss, resolve_align
-from trainer.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint,
+from irepa.trainer.align import AlignmentLoss, resolve_align
+from irepa.trainer.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint,
                                 save_checkpoint)
-from trainer.data import LatentNorm, LoaderSpec, StoreLoader, mix_seed, sample_posterior
-from trainer.loss import FlowMatching, mean_flat
+from irepa.trainer.data import LatentNorm, LoaderSpec, StoreLoader, mix_seed, sample_posterior
+from irepa.trainer.loss import FlowMatching, mean_flat
 
 __all__ = ["TrainConfig", "Dist", "setup_distributed", "Objective", "StepDraws", "run", "split_list",
            "update_ema", "save_image_grid", "load_foreign_checkpoint"]
@@ -49,7 +49,7 @@ __all__ = ["TrainConfig", "Dist", "setup_distributed", "Objective", "StepDraws",
 
 def split_list(value: str | Sequence[str] | None) -> list[str] | None:
     """``"a,b"`` / ``("a", "b")`` / None (fire passes any of them) -> list or None."""
-    from pipeline.build import split_names
+    from irepa.pipeline.build import split_names
 
     return None if value is None else split_names(value)
 
@@ -396,12 +396,12 @@ def _model_kwargs(cfg: TrainConfig, align_cfg, in_channels: int, input_size: tup
 
 
 def _build_model(name: str, kwargs: dict) -> nn.Module:
-    from trainer.models import build_sit
+    from irepa.trainer.models import build_sit
     return build_sit(name, **kwargs)
 
 
 def _patch_of(name: str, kw: dict) -> int:
-    from trainer.models import SIT_CONFIGS
+    from irepa.trainer.models import SIT_CONFIGS
     if kw.get("patch_size"):
         return int(kw["patch_size"])
     if name not in SIT_CONFIGS:
@@ -414,7 +414,7 @@ def _hw(v: Any) -> tuple[int, int]:
 
 
 def _needs_from_config(mc: dict, what: str):
-    from trainer.store_checks import ModelNeeds
+    from irepa.trainer.store_checks import ModelNeeds
     name = mc.get("name", "SiT")
     return ModelNeeds(name=what, in_channels=int(mc["in_channels"]), input_size=_hw(mc["input_size"]),
                       patch_size=_patch_of(name, mc))
@@ -423,7 +423,7 @@ def _needs_from_config(mc: dict, what: str):
 def _needs_from_state(sd: Any, model_kw: dict, name: str, source: str):
     """What a REPA/iREPA/irepa checkpoint's weights need: channels and patch from the patch
     embedding, the token count from ``pos_embed``."""
-    from trainer.store_checks import ModelNeeds
+    from irepa.trainer.store_checks import ModelNeeds
     flat = sd
     if isinstance(sd, dict) and ("ema" in sd or "model" in sd):
         flat = sd.get("ema") or sd.get("model")
@@ -466,7 +466,7 @@ def run(cfg: TrainConfig, *, online_models: dict | None = None) -> dict:
 
 
 def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
-    from trainer.store_checks import ModelNeeds, check_store, check_store_state, verify
+    from irepa.trainer.store_checks import ModelNeeds, check_store, check_store_state, verify
 
     if cfg.cache is None and not cfg.online:
         raise ValueError("irepa-train needs --cache STORE (or --online with --data IMAGES / a store)")
@@ -491,7 +491,7 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
     # ---- data: the store (also the source of shapes for --online when given)
     reader = None
     if cfg.cache is not None:
-        from stores import open_store
+        from irepa.stores import open_store
         err: BaseException | None = None
         try:
             if cfg.verify and d.main:
@@ -509,7 +509,7 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
 
     online = None
     if cfg.online:
-        from trainer.online import OnlineSource
+        from irepa.trainer.online import OnlineSource
         online = OnlineSource.create(cfg, reader, d, online_models)
         latent_shape = online.latent_shape  # (2C, h, w)
         available = online.encoders
@@ -579,11 +579,11 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         start_step = int(ckpt["step"])
         data_state = ckpt["data_state"] or None
-        from trainer.checkpoint import restore_rng_state
+        from irepa.trainer.checkpoint import restore_rng_state
         restore_rng_state(ckpt["rng"])
         _log(d, f"resumed {ckpt_file} at step {start_step}", out)
     elif cfg.init_from:
-        from trainer.models import load_reference_state_dict
+        from irepa.trainer.models import load_reference_state_dict
         info = load_reference_state_dict(model, init_sd, prefer="ema", strict=False, source=str(cfg.init_from))
         ema.load_state_dict(model.state_dict())
         _log(d, f"initialised from {cfg.init_from} (missing: {info['missing']}, unexpected: {info['unexpected']})",
@@ -715,7 +715,7 @@ def _run(cfg: TrainConfig, d: Dist, online_models: dict | None) -> dict:
 def load_vae_offline(vae_id: str, device: torch.device | str = "cpu"):
     """``pipeline.vae.load_vae`` without touching the network: "tiny", a local folder, or a hub id
     already in the local hub cache; anything else raises at once (no download, no retries)."""
-    from pipeline.vae import load_vae
+    from irepa.pipeline.vae import load_vae
 
     return load_vae(vae_id, device=device, local_files_only=True)
 
@@ -750,7 +750,7 @@ class _PreviewSampler:
                 self.disabled = True
                 _log(self.d, f"sample previews off: cannot load the VAE offline ({type(e).__name__}: {e})", self.out)
                 return None
-        from trainer.sample import sample
+        from irepa.trainer.sample import sample
 
         n = max(1, self.cfg.sample_n)
         g = torch.Generator(device="cpu").manual_seed(mix_seed("preview", self.cfg.seed))
