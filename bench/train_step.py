@@ -26,6 +26,7 @@ step runs under bf16 autocast, as ``irepa-train`` does by default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import shutil
 import tempfile
@@ -83,11 +84,12 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
               args, work: Path, vae) -> dict:
     from irepa.pipeline.encoders import load_encoder
     from irepa.trainer.align import AlignmentLoss, resolve_align
-    from irepa.trainer.data import LatentNorm, sample_posterior
+    from irepa.trainer.data import LatentNorm
     from irepa.trainer.loss import FlowMatching
     from irepa.trainer.models import build_sit
+    from irepa.trainer.objectives.flow import FlowStep
     from irepa.trainer.online import OnlineSource
-    from irepa.trainer.train import Objective, StepDraws, update_ema
+    from irepa.trainer.train import update_ema
 
     R = size["resolution"]
     enc = load_encoder(enc_name, resolution=R, pretrained=False, config=size["encoder_config"]).eval().to(dev)
@@ -102,12 +104,19 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     fm = FlowMatching("linear", "uniform")
     amp = torch.bfloat16 if (dev.type == "cuda" and args.precision == "bf16") else None
-    objectives = {
-        "aligned": Objective(model, fm, AlignmentLoss(model.projectors, align_cfg), align_cfg.coeff, amp),
-        "plain": Objective(model, fm, None, 0.0, amp),
-    }
     latent_norm = LatentNorm("sd", 0.18215, 0.0)
-    draws = StepDraws(0, fm, (4, R // 8, R // 8), 0.1, dev)
+    objectives = {
+        "aligned": FlowStep(model, fm, AlignmentLoss(model.projectors, align_cfg), align_cfg.coeff, latent_norm,
+                            lambda: _amp(dev, amp), [enc_name]),
+        "plain": FlowStep(model, fm, None, 0.0, latent_norm, lambda: _amp(dev, amp), []),
+    }
+    shape = (batch, 4, R // 8, R // 8)
+
+    def draw(i: int) -> dict:  # the flow objective's draws for one step
+        g = torch.Generator(device=dev).manual_seed(i)
+        return {"post": torch.randn(shape, generator=g, device=dev), "t": fm.sample_t(batch, dev, g),
+                "eps": torch.randn(shape, generator=g, device=dev),
+                "drop": torch.rand(batch, generator=g, device=dev) < 0.1}
 
     host = cached_batch(work, size, batch, enc.dim, enc_name)
     images = sample_images(R, batch)
@@ -132,11 +141,10 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
 
     def step(objective, get_batch) -> None:
         b = get_batch()
-        g = draws.draw(counter[0], batch)
+        g = draw(counter[0])
         counter[0] += 1
         opt.zero_grad(set_to_none=True)
-        x = latent_norm.normalize(sample_posterior(b["latents"].float(), g["post"]))
-        res = objective(x, g["t"], g["eps"], b["label"], g["drop"], b["features"])
+        res = objective(b, g, {})
         res["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -182,25 +190,29 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
     from torch.utils.flop_counter import FlopCounterMode
 
     from irepa.trainer.align import AlignmentLoss
+    from irepa.trainer.data import LatentNorm
     from irepa.trainer.loss import FlowMatching
     from irepa.trainer.models import build_sit
-    from irepa.trainer.train import Objective
+    from irepa.trainer.objectives.flow import FlowStep
 
     out = {}
     with torch.device("meta"):
         model = build_sit(model_name, input_size=R // 8, in_channels=4, num_classes=1000,
                           encoder_depth=align_cfg.encoder_depth, z_dims=[z_dim], projector=align_cfg.projector,
                           projector_kernel=align_cfg.kernel, projector_dim=align_cfg.projector_dim, **overrides)
-        x, eps = torch.randn(2, 4, R // 8, R // 8), torch.randn(2, 4, R // 8, R // 8)
-        t, y, drop = torch.rand(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
+        lat = torch.randn(2, 8, R // 8, R // 8)
+        draws = {"post": torch.randn(2, 4, R // 8, R // 8), "eps": torch.randn(2, 4, R // 8, R // 8),
+                 "t": torch.rand(2), "drop": torch.zeros(2, dtype=torch.bool)}
+        y = torch.zeros(2, dtype=torch.long)
         z = torch.randn(2, (R // 16) ** 2, z_dim)
     fm = FlowMatching()
     # FlopCounterMode cannot follow the fused Function's recompute inside backward, so the
     # plain composition is counted and the fused one adds one more projector forward.
     for name, align in (("no-align", None), ("cached plain", AlignmentLoss(model.projectors, align_cfg, fused=False))):
-        obj = Objective(model, fm, align, align_cfg.coeff if align else 0.0, None)
+        obj = FlowStep(model, fm, align, align_cfg.coeff if align else 0.0, LatentNorm("sd", 0.18215, 0.0),
+                       contextlib.nullcontext, ["enc"] if align else [])
         with FlopCounterMode(display=False) as fc:
-            obj(x, t, eps, y, drop, [z] if align else [])["loss"].backward()
+            obj({"latents": lat, "label": y, "features": [z] if align else []}, draws, {})["loss"].backward()
         out[name] = fc.get_total_flops() // 2
     with torch.device("meta"):
         h = torch.randn(2, (R // 16) ** 2, model.hidden_size)
@@ -208,6 +220,10 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
         model.projectors[0](h)
     out["cached"] = out["cached plain"] + fc.get_total_flops() // 2
     return out
+
+
+def _amp(dev: torch.device, dtype):
+    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def vae_only_one(vae, img, dev):

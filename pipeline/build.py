@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,67 +22,17 @@ from tqdm import tqdm
 
 from irepa.stores import StoreError, StoreLayout, StoreWriter, open_store
 
+from . import dist as distributed
+from .build_config import BuildConfig, build_config, parse_weights
+from .config import to_json
+from .defaults import BUNDLED, DEFAULT_VAE
 from .encoders import Encoder, load_encoder
 from .sources import default_sample_source, open_source
 from .transforms import DecodeDataset
 from .vae import VaeEncoder, load_vae
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_ENCODER = "dinov2-vit-b"
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        return cls(
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-
-def split_names(value: str | Sequence[str] | None) -> list[str]:
-    """Accept "a,b", ("a", "b") or None (fire passes either) and return a clean list."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items = value.split(",")
-    else:
-        items = [str(v) for v in value]
-    return [v.strip() for v in items if v.strip()]
-
-
-def parse_weights(weights: str | Sequence[str] | dict | None, encoders: list[str],
-                  flag: str = "--weights") -> dict[str, str]:
-    """`--weights PATH` (one encoder) or `--weights name=PATH,name2=PATH2` -> {encoder: path}."""
-    if not weights:
-        return {}
-    if isinstance(weights, dict):
-        return {str(k): str(v) for k, v in weights.items()}
-    out: dict[str, str] = {}
-    for item in split_names(weights):
-        if "=" in item:
-            name, path = item.split("=", 1)
-            out[name.strip()] = path.strip()
-        elif len(encoders) == 1:
-            out[encoders[0]] = item
-        else:
-            raise ValueError(
-                f"{flag} {item!r} is ambiguous with {len(encoders)} encoders {encoders}; "
-                f"write {flag} name=PATH,name2=PATH2"
-            )
-    unknown = sorted(set(out) - set(encoders))
-    if unknown:
-        raise ValueError(f"{flag} names {unknown} that are not among the encoders {encoders}")
-    return out
-
+#: BuildConfig fields that say where and how a build runs, not what it writes (left out of build_args)
+RUNTIME_FIELDS = ("out", "num_workers", "device", "progress", "resume", "repair")
 
 def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row batches that never cross a shard boundary, in shard order."""
@@ -234,76 +183,51 @@ def _check_latents_from(path: str, fingerprint: str, resolution: int, flip: bool
     return other.manifest
 
 
-def build_store(
-    data: str | None = None,
-    out: str = "stores/demo",
-    encoder: str | Sequence[str] | None = None,
-    vae: str | None = None,
-    resolution: int = 256,
-    encoder_config: str | None = None,
-    weights: str | Sequence[str] | None = None,
-    pretrained: bool = True,
-    latents_from: str | None = None,
-    flip: bool = False,
-    feature_dtype: str = "float16",
-    latent_dtype: str = "float32",
-    cls: bool = False,
-    format: str = "zarr",
-    shard_size: int = 1024,
-    batch_size: int = 64,
-    num_workers: int = 4,
-    resume: bool = True,
-    repair: bool = False,
-    device: str | None = None,
-    precision: str = "bf16",
-    progress: bool = True,
-) -> Path:
-    """Build (or finish) a store; returns its path. See `pipeline.cli.build` for the flags."""
-    dist = DistInfo.from_env()
+def build_store(cfg: BuildConfig | None = None, **kwargs) -> Path:
+    """Build (or finish) a store as ``cfg`` (or the keyword arguments, checked as the CLI
+    checks flags) says; returns its path. See :class:`irepa.pipeline.build_config.BuildConfig`."""
+    cfg = build_config(cfg, **kwargs)
+    return _build(cfg)
+
+
+def _build(cfg: BuildConfig) -> Path:
+    dist = distributed.from_env(cfg.device)
+    dev = dist.device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    data, out, resolution, flip, fmt = cfg.data, cfg.out, cfg.resolution, cfg.flip, cfg.format
+    feature_dtype, latent_dtype, precision, with_cls = cfg.feature_dtype, cfg.latent_dtype, cfg.precision, cfg.cls
     demo = data is None
     source = default_sample_source() if demo else open_source(data)
-    encoder_names = split_names(encoder) or [DEFAULT_ENCODER]
-    if demo:
+    encoder_names = cfg.encoders
+    vae, encoder_config, shard_size = cfg.vae, cfg.encoder_config, cfg.shard_size
+    if demo:  # the embedded default: tiny random models, small shards
         vae = vae or "tiny"
         encoder_config = encoder_config or "tiny"
         if shard_size == 1024:
             shard_size = 4
     vae_name = vae or DEFAULT_VAE
-    feature_dtype = {"fp16": "float16", "half": "float16"}.get(feature_dtype, feature_dtype)
-    latent_dtype = {"fp32": "float32", "fp16": "float16"}.get(latent_dtype, latent_dtype)
-    if format not in ("zarr", "wds"):
-        raise ValueError(f"--format must be zarr or wds, not {format!r}")
-    if feature_dtype not in ("float16", "int8"):
-        raise ValueError(f"--feature-dtype must be float16 or int8, not {feature_dtype!r}")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, not {precision!r}")
-    if resolution % 16:
-        raise ValueError(f"--resolution {resolution} is not a multiple of 16")
-
-    if device is None:
-        device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
 
     from irepa.stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
-    if repair and dist.rank == 0:
+    if cfg.repair and dist.rank == 0:
         _reopen_damaged_shards(out)
-    if resume and not repair and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
+    if cfg.resume and not cfg.repair and _already_complete(out, fingerprint, encoder_names, resolution, fmt, flip,
+                                                           feature_dtype):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
         return Path(out)
+    latents_from = cfg.latents_from
     borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
 
-    weight_paths = parse_weights(weights, encoder_names)
+    weight_paths = parse_weights(cfg.weights, encoder_names)
     encoders = {
         name: load_encoder(
             name,
             resolution=resolution,
-            pretrained=pretrained and name not in weight_paths and encoder_config is None,
+            pretrained=cfg.pretrained and name not in weight_paths and encoder_config is None,
             weights=weight_paths.get(name),
             config=encoder_config,
         )
@@ -338,7 +262,7 @@ def build_store(
         encoders={name: (grids[name][0] * grids[name][1], enc.dim) for name, enc in encoders.items()},
         feature_dtype=feature_dtype,
         latent_dtype=latent_dtype,
-        with_cls=cls,
+        with_cls=with_cls,
         flip=flip,
         write_latents=borrowed is None,
     )
@@ -362,31 +286,25 @@ def build_store(
                 "dim": enc.dim,
                 "input_size": enc.input_size,
                 "config": encoder_config or "pretrained",
-                "cls": cls,
+                "cls": with_cls,
             }
             for name, enc in encoders.items()
         },
+        # the resolved options (what --config reloads); how the build ran is left out
         "build_args": {
-            "data": data if data is not None else "<bundled sample images>",
+            **{k: v for k, v in to_json(cfg).items() if k not in RUNTIME_FIELDS},
+            "data": data if data is not None else BUNDLED,
             "encoder": encoder_names,
             "vae": vae_name,
-            "resolution": resolution,
             "encoder_config": encoder_config,
-            "latents_from": latents_from,
-            "flip": flip,
-            "feature_dtype": feature_dtype,
-            "latent_dtype": latent_dtype,
-            "cls": cls,
-            "format": format,
             "shard_size": shard_size,
-            "batch_size": batch_size,
             "precision": precision if dev.type == "cuda" else "fp32",
         },
     }
 
-    writer = _open_writer_all_ranks(out, format, layout, source, info, resume, dist)
+    writer = _open_writer_all_ranks(out, fmt, layout, source, info, cfg.resume, dist)
     mine = [s for s in writer.pending_shards() if s % dist.world_size == dist.rank]
-    batches = shard_batches(writer, mine, batch_size)
+    batches = shard_batches(writer, mine, cfg.batch_size)
 
     array_shapes: dict[str, tuple[int, ...]] = {}
     for prefix in ("", "flip/") if flip else ("",):
@@ -394,14 +312,14 @@ def build_store(
             array_shapes[prefix + "latents"] = (lat_c2, lat_h, lat_w)
         for name, (tokens, dim) in layout.encoders.items():
             array_shapes[f"{prefix}features/{name}"] = (tokens, dim)
-            if cls:
+            if with_cls:
                 array_shapes[f"{prefix}cls/{name}"] = (dim,)
     acc = ShardAccumulator(writer, array_shapes)
 
     loader = DataLoader(
         DecodeDataset(source, resolution),
         batch_sampler=batches,
-        num_workers=min(num_workers, len(batches), os.cpu_count() or 1),
+        num_workers=min(cfg.num_workers, len(batches), os.cpu_count() or 1),
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
@@ -410,7 +328,7 @@ def build_store(
         total=total_rows,
         unit="img",
         desc=f"build {Path(out).name}" + (f" [rank {dist.rank}]" if dist.world_size > 1 else ""),
-        disable=not progress,
+        disable=not cfg.progress,
         position=dist.rank,
     )
     for batch, rows in zip(loader, batches):
@@ -420,36 +338,31 @@ def build_store(
         outputs: dict[str, np.ndarray] = {}
         if ok.any():
             good_images = batch["image"][torch.from_numpy(ok)]
-            outputs = _encode_batch(good_images, vae_model, encoders, dev, cls, precision=precision)
+            outputs = _encode_batch(good_images, vae_model, encoders, dev, with_cls, precision=precision)
             if flip:
                 outputs.update(
-                    _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, cls,
+                    _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, with_cls,
                                   prefix="flip/", precision=precision)
                 )
         acc.add(shard, rows, ok, outputs, skipped)
         bar.update(len(rows))
     bar.close()
 
-    _barrier(dist)
+    distributed.barrier(dist)
     if dist.rank == 0:
         writer.finalize()
-    _barrier(dist)
+    distributed.barrier(dist)
     return Path(out)
 
 
-def _barrier(dist: DistInfo) -> None:
-    if dist.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: DistInfo) -> StoreWriter:
+def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: distributed.Dist) -> StoreWriter:
     """Rank 0 creates (or resumes) the store first; other ranks then open it to write their shards."""
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     writer = None
     if dist.rank == 0:
         writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume)
-    _barrier(dist)
+    distributed.barrier(dist)
     if dist.rank != 0:
         writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True)
     return writer

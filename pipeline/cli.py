@@ -1,166 +1,157 @@
-"""`irepa-cache`: build, inspect, verify and measure feature/latent stores (a fire CLI)."""
+"""`irepa-cache`: build, inspect, verify and measure feature/latent stores.
+
+Each command's options are one dataclass; the command line is checked against it before any
+work (see :mod:`irepa.pipeline.config`), then fire dispatches the command.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
-import fire
+from .build_config import BuildConfig
+from .config import OptionError, ParsedArgs, option, resolve, run_commands
+
+__all__ = ["InspectConfig", "VerifyConfig", "MetricsConfig", "COMMANDS", "run_fire", "main"]
 
 
-def build(
-    data: str | None = None,
-    out: str = "stores/demo",
-    encoder: str | Sequence[str] | None = None,
-    vae: str | None = None,
-    resolution: int = 256,
-    encoder_config: str | None = None,
-    weights: str | Sequence[str] | None = None,
-    latents_from: str | None = None,
-    flip: bool = False,
-    feature_dtype: str = "float16",
-    latent_dtype: str = "float32",
-    cls: bool = False,
-    format: str = "zarr",
-    shard_size: int = 1024,
-    batch_size: int = 64,
-    num_workers: int = 4,
-    resume: bool = True,
-    repair: bool = False,
-    device: str | None = None,
-    precision: str = "bf16",
-) -> None:
-    """Run the VAE and vision encoder(s) over a dataset once and write a store.
+@dataclass
+class InspectConfig:
+    """Print what a store holds: counts, arrays, bytes on disk and per sample, skipped inputs, provenance."""
 
-    With no --data, builds the embedded demo: the bundled sample photos, a tiny random VAE and a
-    tiny random DINOv2-B-shaped encoder, into stores/demo.
+    store: str = option(None, "store directory", positional=True)
+    json_out: bool = option(False, "print the description as JSON")
 
-    Args:
-        data: ImageFolder root, webdataset tar shards ("train-{000000..000146}.tar"), or a .txt file list.
-        out: store directory (default stores/demo).
-        encoder: registry name(s) or raw timm ids, comma separated (default dinov2-vit-b); all are run
-            on the same decoded batch.
-        vae: diffusers AutoencoderKL hub id or local folder (default stabilityai/sd-vae-ft-ema), or "tiny".
-        resolution: ADM center-crop size, 256 or 512.
-        encoder_config: "tiny" for a reduced random-initialised encoder (tests, demos).
-        weights: local encoder checkpoint (safetensors or state dict): PATH, or name=PATH,name2=PATH2.
-        latents_from: reuse this store's VAE latents (same dataset and resolution); run only the encoders.
-        flip: also store the horizontally flipped view.
-        feature_dtype: float16 (default) or int8 (per-token scale, half the bytes).
-        latent_dtype: float32 (default) or float16 for the posterior mean and std.
-        cls: also store each encoder's CLS token.
-        format: zarr (default, random access) or wds (webdataset tar shards, streaming).
-        shard_size: samples per shard file (with --latents-from: that store's).
-        batch_size: images per forward pass.
-        num_workers: image-decoding DataLoader workers.
-        resume: finish an interrupted build in place (default); --noresume refuses an existing store.
-        repair: verify every shard file first and rebuild the shards that fail (a flipped byte, a
-            deleted file); the result equals an undamaged build.
-        device: torch device (default cuda:LOCAL_RANK when available, else cpu).
-        precision: encoder precision on CUDA: bf16 autocast (the default; REPA runs its encoders
-            under autocast too) or fp32. The VAE always runs fp32, as REPA's preprocessing does.
-            CPU builds run fp32 throughout.
-    """
-    from .build import build_store
+
+@dataclass
+class VerifyConfig:
+    """Recompute every shard checksum; exit 1 naming each bad shard, or if the store is unfinished."""
+
+    store: str = option(None, "store directory", positional=True)
+
+
+@dataclass
+class MetricsConfig:
+    """Spatial-structure metrics (LDS, CDS, RMSC, SRSS) of each store's encoder features."""
+
+    stores: list[str] = option(default_factory=list, help="one or more store directories", positional=True)
+    limit: int = option(4096, "images sampled per store (fixed seed)")
+    out: str = option("metrics", "folder for metrics.json, metrics.png and metrics.txt")
+    fid: str | None = option(None, "table encoder -> FID (JSON or CSV/TSV) to correlate each metric with FID")
+    masks: str | None = option(None, "foreground masks for SRSS (folder or .npz)")
+    gamma: float = option(1.0, "spatial-normalisation gamma for the normalised variant")
+    seed: int = option(0, "seed of the sampled images")
+    device: str | None = option(None, "torch device (default: cuda when available)")
+
+
+def _config(cls: type, parsed: ParsedArgs | dict) -> Any:
+    if isinstance(parsed, ParsedArgs):
+        return resolve(cls, parsed.values, parsed.config)[0]
+    return resolve(cls, parsed)[0]
+
+
+def _need(value: Any, what: str, command: str) -> None:
+    if not value:
+        raise OptionError(f"name {what} (irepa-cache {command} --help)")
+
+
+def _build(parsed: ParsedArgs | dict) -> None:
+    cfg = _config(BuildConfig, parsed)  # every option checked before the heavy imports
     from irepa.stores import describe_store, format_description
 
-    path = build_store(
-        data=data,
-        out=out,
-        encoder=encoder,
-        vae=vae,
-        resolution=resolution,
-        encoder_config=encoder_config,
-        weights=weights,
-        latents_from=latents_from,
-        flip=flip,
-        feature_dtype=feature_dtype,
-        latent_dtype=latent_dtype,
-        cls=cls,
-        format=format,
-        shard_size=shard_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        resume=resume,
-        repair=repair,
-        device=device,
-        precision=precision,
-    )
-    if int(os.environ.get("RANK", 0)) == 0:
+    from .build import build_store
+    from .dist import from_env
+
+    path = build_store(cfg)
+    if from_env().main:
         print(f"store written: {path.resolve()}")
         print(format_description(describe_store(path)))
 
 
-def inspect(store: str, json_out: bool = False) -> None:
-    """Print what a store holds: counts, arrays, bytes on disk and per sample, skipped inputs, provenance."""
+def _inspect(parsed: ParsedArgs | dict) -> None:
+    cfg = _config(InspectConfig, parsed)
+    _need(cfg.store, "a store: irepa-cache inspect stores/NAME", "inspect")
     from irepa.stores import describe_store, format_description
 
-    info = describe_store(store)
-    print(json.dumps(info, indent=2) if json_out else format_description(info))
+    info = describe_store(cfg.store)
+    print(json.dumps(info, indent=2) if cfg.json_out else format_description(info))
 
 
-def verify(store: str) -> None:
-    """Recompute every shard checksum; exit 1 naming each bad shard, or if the store is unfinished."""
+def _verify(parsed: ParsedArgs | dict) -> None:
+    cfg = _config(VerifyConfig, parsed)
+    _need(cfg.store, "a store: irepa-cache verify stores/NAME", "verify")
     from irepa.stores import verify_store
 
-    report = verify_store(store)
-    print(report.format() if hasattr(report, "format") else report)
+    report = verify_store(cfg.store)
+    print(report.format())
     if not report.ok:
         sys.exit(1)
 
 
-def metrics(*stores: str, limit: int = 4096, out: str = "metrics", fid: str | None = None,
-            masks: str | None = None, gamma: float = 1.0, seed: int = 0, device: str | None = None) -> None:
-    """Spatial-structure metrics (LDS, CDS, RMSC, SRSS) of each store's encoder features.
-
-    Args:
-        stores: one or more store directories.
-        limit: images sampled per store (fixed seed).
-        out: folder for metrics.json and metrics.png.
-        fid: optional table encoder -> FID (JSON or CSV/TSV) to correlate each metric with FID.
-        masks: optional foreground masks for SRSS.
-        gamma: spatial-normalisation gamma for the normalised variant.
-    """
+def _metrics(parsed: ParsedArgs | dict) -> None:
+    cfg = _config(MetricsConfig, parsed)
+    _need(cfg.stores, "at least one store: irepa-cache metrics stores/NAME [...]", "metrics")
     from .metrics_report import run_metrics
 
-    if not stores:
-        raise fire.core.FireError("name at least one store: irepa-cache metrics stores/NAME [...]")
-    run_metrics(list(stores), limit=limit, out=out, fid=fid, masks=masks, gamma=gamma, seed=seed, device=device)
+    run_metrics(list(cfg.stores), limit=cfg.limit, out=cfg.out, fid=cfg.fid, masks=cfg.masks, gamma=cfg.gamma,
+                seed=cfg.seed, device=cfg.device)
 
 
-COMMANDS = {"build": build, "inspect": inspect, "verify": verify, "metrics": metrics}
+# Python entry points: keyword arguments are the flags (checked the same way)
+def build(**kwargs: Any) -> None:
+    """``irepa-cache build`` (see :class:`BuildConfig`)."""
+    _build(kwargs)
 
 
-def run_fire(component, name: str, command: list[str] | None = None) -> None:
-    """fire.Fire, with user errors (bad store, bad data, bad flag value) printed as one line and
-    exit status 2 instead of a traceback; IREPA_DEBUG=1 shows the traceback."""
+def inspect(store: str, json_out: bool = False) -> None:
+    """``irepa-cache inspect STORE``."""
+    _inspect({"store": store, "json_out": json_out})
+
+
+def verify(store: str) -> None:
+    """``irepa-cache verify STORE``: exit 1 when a check fails."""
+    _verify({"store": store})
+
+
+def metrics(*stores: str, **kwargs: Any) -> None:
+    """``irepa-cache metrics STORE [STORE ...]`` (see :class:`MetricsConfig`)."""
+    _metrics({"stores": list(stores), **kwargs})
+
+
+COMMANDS: dict[str, tuple[type, Any, str]] = {
+    "build": (BuildConfig, _build, "run the VAE and encoders over a dataset once and write a store"),
+    "inspect": (InspectConfig, _inspect, "what a store holds: counts, arrays, bytes, skipped inputs, provenance"),
+    "verify": (VerifyConfig, _verify, "recompute every checksum; exit 1 naming each bad shard"),
+    "metrics": (MetricsConfig, _metrics, "spatial-structure metrics (LDS, CDS, RMSC, SRSS) of stores' features"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
     from irepa.stores import StoreError
 
-    user_errors: tuple[type[BaseException], ...] = (StoreError, ValueError, FileNotFoundError)
-    try:
-        from irepa.trainer.checkpoint import CheckpointError
+    return (StoreError,)
 
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        fire.Fire(component, command=command, name=name)
-    except user_errors as err:
-        if os.environ.get("IREPA_DEBUG"):
-            raise
-        print(f"{name}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if os.environ.get("IREPA_DEBUG"):
-            raise
-        print(f"\n{name}: interrupted; finished shards and checkpoints are kept: rerun the same "
-              "command to resume", file=sys.stderr)
-        sys.exit(130)
+
+@dataclass
+class _NoOptions:
+    """A command without options."""
+
+
+def run_fire(commands: Mapping[str, Any], name: str, command: Sequence[str] | None = None,
+             default: str | None = None) -> Any:
+    """Check the command line against the commands' option dataclasses, then dispatch with fire.
+    ``commands`` maps a name to ``(options dataclass, function(parsed), summary)`` (or to a plain
+    function without options). User errors print one line and exit 2 (``IREPA_DEBUG=1`` shows the
+    traceback)."""
+    table = {k: v if isinstance(v, tuple) else (_NoOptions, lambda parsed, f=v: f(), (v.__doc__ or "").strip())
+             for k, v in commands.items()}
+    return run_commands(name, table, command, default=default, user_errors=_user_errors)
 
 
 def main() -> None:
+    """Console entry point of ``irepa-cache``."""
     run_fire(COMMANDS, "irepa-cache")
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from irepa.stores.manifest import atomic_open, atomic_write_bytes
+
 from .spatial_metrics import DEFAULT_FAR, DEFAULT_MAX_DIST, DEFAULT_NEAR, spatial_metrics
 
 __all__ = [
@@ -542,7 +544,8 @@ def plot_report(report: dict, path: Union[str, Path]) -> Path:
     fig.suptitle(f"Spatial structure of encoder features (n per store <= {report['config']['limit']})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png")
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -638,11 +641,11 @@ def run_metrics(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "metrics.json"
-    json_path.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    atomic_write_bytes(json_path, (json.dumps(report, indent=1, allow_nan=False) + "\n").encode("utf-8"))
     png_path = plot_report(report, out_dir / "metrics.png")
     table = format_table(report)
     table_path = out_dir / "metrics.txt"
-    table_path.write_text(table + "\n", encoding="utf-8")
+    atomic_write_bytes(table_path, (table + "\n").encode("utf-8"))
     if echo:
         print(table)
         print(f"\nwrote {json_path}, {png_path}, {table_path}")

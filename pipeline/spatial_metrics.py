@@ -18,10 +18,11 @@ of one image, with d(t, t') the Manhattan distance on the h x w token grid:
   at d >= 6; the image's score is the mean over anchors that have both kinds of partner (NaN when
   none do, e.g. an empty or full mask).
 
-Where this differs from the paper's text (the issue's definitions are followed):
-- The paper's text gives LDS as E[K | d < r_near] - E[K | d >= r_far] with r_near = r_far = H/2.
-  We use near = 1 (4-neighbours) and far = 6, as the issue and iREPA's public metrics code do.
-  ``near`` / ``far`` are parameters: near = h//2 - 1, far = h//2 gives the paper's text.
+Defaults: near = 1 (4-neighbours), far = 6 and CDS over distances 1..8 are exactly what the
+official iREPA metrics code (``metrics/spatial_metrics.py`` of the release) computes, so the
+numbers are comparable with its figures. The paper's text writes LDS with an H/2 radius; that
+form is not what the released code (nor its figures) uses, so it is not offered as a preset:
+``near`` / ``far`` stay parameters for other experiments.
 - The paper's SRSS samples anchor/positive/negative triplets inside a SAM2 object mask; here the
   expectation is computed exactly over all anchors and partners of a user-given mask.
 - Distances that do not exist on a small grid are skipped: CDS fits the distances 1..8 that the

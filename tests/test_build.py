@@ -298,7 +298,7 @@ def test_cli_help_and_demo_defaults(tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PAGER": "cat"})
     assert proc.returncode == 0
     helptext = proc.stdout + proc.stderr  # fire writes help to stderr when not on a terminal
-    assert "--latents_from" in helptext and "--feature_dtype" in helptext
+    assert "--latents-from" in helptext and "--feature-dtype" in helptext
     out = tmp_path / "demo"
     build_store(out=str(out), num_workers=0, progress=False, device="cpu")
     store = open_store(out)

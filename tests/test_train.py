@@ -258,7 +258,7 @@ def test_irepa_sample_writes_adm_npz_and_shards_across_ranks(tmp_path, store):
 
 def test_cli_help_lists_flags():
     env = dict(os.environ)
-    for mod, flag in (("irepa.trainer", "--latent_norm"), ("irepa.trainer.cli", "--cache")):
+    for mod, flag in (("irepa.trainer", "--latent-norm"), ("irepa.trainer.cli", "--cache")):
         res = subprocess.run([sys.executable, "-m", mod, "--help"], env=env, capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 0 and flag in res.stdout + res.stderr, res.stderr[-2000:]

@@ -104,11 +104,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | os.PathLike, *, step: int, model: dict, ema: dict | None,
                     optimizer: dict | None, args: dict, model_config: dict,
-                    data_state: dict | None = None, extra: dict | None = None) -> Path:
+                    data_state: dict | None = None, extra: dict | None = None,
+                    more: dict | None = None) -> Path:
     """Write one training checkpoint atomically.
 
     ``args`` and ``model_config`` must be JSON-serialisable; they are stored as JSON strings so the
     file loads with ``weights_only=True``. ``data_state`` holds the loader position (ints only).
+    ``more`` adds state dicts beside the main ones (further EMAs, an objective's extra modules and
+    optimizers: ``{"emas": [...], "modules": {name: sd}, "optimizers": {name: sd}}``).
     """
     obj = {
         "format": FORMAT,
@@ -121,6 +124,7 @@ def save_checkpoint(path: str | os.PathLike, *, step: int, model: dict, ema: dic
         "data_state": json.dumps(data_state or {}, sort_keys=True),
         "rng": capture_rng_state(),
         "extra": extra or {},
+        **(more or {}),
     }
     return atomic_torch_save(obj, path)
 
@@ -144,4 +148,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             "to start from a REPA/iREPA release checkpoint use --init-from")
     for key in ("args", "model_config", "data_state"):
         obj[key] = json.loads(obj[key])
+    return obj
+
+
+def load_foreign_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a REPA / iREPA release or training checkpoint (or ours) with ``weights_only=True``.
+
+    Their training checkpoints keep ``args`` as an ``argparse.Namespace``; it is allow-listed
+    (no other Python object is), so the load stays pickle-free for anything else. Our own
+    checkpoints give ``{"model", "ema"}``; safetensors files their tensors.
+    """
+    import argparse
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "format" in obj and "model" in obj:  # our own checkpoint
+        return {k: obj[k] for k in ("model", "ema") if obj.get(k) is not None}
     return obj

@@ -482,7 +482,9 @@ class LatentNorm:
         if mode == "sd":
             sf = vae.get("scaling_factor")
             shift = vae.get("shift_factor") or 0.0
-            return cls("sd", 0.18215 if sf is None else float(sf), float(shift))
+            from irepa.pipeline.defaults import SD_VAE_SCALE
+
+            return cls("sd", SD_VAE_SCALE if sf is None else float(sf), float(shift))
         if mode == "stats":
             st = manifest.get("latent_stats") or {}
             if not st.get("mean") or not st.get("std"):

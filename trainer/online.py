@@ -5,7 +5,7 @@ store was built from (its manifest's ``build_args.data``, checked against the st
 fingerprint). Each micro-batch is decoded and ADM-cropped in DataLoader workers
 (``pipeline.transforms``), then on the device the VAE gives the posterior (mean, std) and every
 encoder its patch tokens, exactly as ``irepa-cache build`` computes them. The batch then goes
-through the same loss code as a cached one (``trainer.train.Objective``), in the same sample order
+through the same loss code as a cached one (the objective's phase module), in the same sample order
 (:class:`trainer.data.IndexOrder` over the store's sample indices).
 """
 
@@ -23,9 +23,7 @@ from irepa.trainer.data import IndexOrder, LoaderSpec
 
 __all__ = ["OnlineSource", "ImageBatches"]
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_ENCODER = "dinov2-vit-b"
-BUNDLED = "<bundled sample images>"
+from irepa.pipeline.defaults import BUNDLED, DEFAULT_ENCODER, DEFAULT_VAE, SD_VAE_SCALE
 
 
 class ImageBatches(Dataset):
@@ -149,11 +147,10 @@ class OnlineSource:
 
     @staticmethod
     def _load_encoders(cfg: Any, manifest: dict | None, resolution: int) -> dict:
+        from irepa.pipeline.build_config import parse_weights
         from irepa.pipeline.encoders import load_encoder
-        from irepa.pipeline.build import parse_weights
-        from irepa.trainer.train import split_list
 
-        names = split_list(cfg.encoders) or (list((manifest or {}).get("encoders") or {}) or [DEFAULT_ENCODER])
+        names = list(cfg.encoders or []) or (list((manifest or {}).get("encoders") or {}) or [DEFAULT_ENCODER])
         if cfg.align == "none":
             names = []
         weights = parse_weights(cfg.encoder_weights, names, flag="--encoder-weights")
@@ -192,29 +189,17 @@ class OnlineSource:
             raise ValueError(f"--online: encoder(s) {missing} not loaded (have {list(self.encoder_models)})")
         self.encoders = list(names)
 
+    def token_grids(self) -> dict[str, tuple[int, int]]:
+        """Token grid of every loaded encoder."""
+        return {n: tuple(e.token_grid) for n, e in self.encoder_models.items()}
+
     def manifest_like(self) -> dict:
         """What LatentNorm and previews read from a manifest."""
         m = dict(self.manifest or {})
         m.setdefault("vae", {"id": getattr(self.vae, "id", None),
-                             "scaling_factor": getattr(self.vae, "scaling_factor", 0.18215),
+                             "scaling_factor": getattr(self.vae, "scaling_factor", SD_VAE_SCALE),
                              "shift_factor": getattr(self.vae, "shift_factor", 0.0)})
         return m
-
-    def check(self, model: Any, encoders: Sequence[str]) -> None:
-        from irepa.trainer.store_checks import StoreMismatchError
-
-        c2, h, w = self.latent_shape
-        grid = (h // model.patch_size, w // model.patch_size)
-        problems = []
-        if c2 // 2 != model.in_channels or (h, w) != tuple(model.input_size):
-            problems.append(f"VAE latents [{c2 // 2}, {h}, {w}] vs model [{model.in_channels}, "
-                            f"{model.input_size[0]}, {model.input_size[1]}]")
-        for n in encoders:
-            g = tuple(self.encoder_models[n].token_grid)
-            if g != grid:
-                problems.append(f"encoder {n} token grid {g[0]}x{g[1]} vs patch grid {grid[0]}x{grid[1]}")
-        if problems:
-            raise StoreMismatchError("--online: the models do not fit: " + "; ".join(problems))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

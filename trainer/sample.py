@@ -21,13 +21,17 @@ The state is integrated in float64; the model sees ``z.dtype``. The model runs i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from irepa.trainer.loss import interpolant
 
-__all__ = ["METHODS", "sample", "velocity_to_score", "guidance_active"]
+__all__ = ["METHODS", "sample", "velocity_to_score", "guidance_active", "save_image_grid", "PreviewSampler",
+           "run_sampling"]
 
 METHODS = ("ode", "sde", "heun")
 
@@ -143,3 +147,231 @@ def sample(
         return x.to(dtype)
     finally:
         model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- image grids
+
+
+def save_image_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
+    """uint8 images [N, 3, H, W] (or [N, H, W, 3]) -> one PNG grid (torchvision's make_grid, no
+    padding, ceil(sqrt(N)) per row), written atomically."""
+    import math
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from irepa.stores.manifest import atomic_open
+
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
+    if t.ndim != 4:
+        raise ValueError(f"expected images [N, 3, H, W]; got shape {tuple(t.shape)}")
+    if t.shape[1] != 3 and t.shape[-1] == 3:
+        t = t.permute(0, 3, 1, 2)
+    t = t.to(torch.uint8)
+    grid = make_grid(t, nrow=nrow or max(1, math.ceil(math.sqrt(len(t)))), padding=0)
+    path = Path(path)
+    with atomic_open(path) as f:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------- previews in training
+
+
+class PreviewSampler:
+    """EMA samples of fixed noise and labels, decoded by the objective's decoder, as a PNG grid.
+
+    The decoder (a VAE for latent objectives) is loaded on first use, offline only; when that
+    fails one log line says so and previews are skipped for the rest of the run.
+    """
+
+    def __init__(self, objective: Any, ema: nn.Module, cfg: Any, out: Path, log: Any, main: bool,
+                 extra: dict | None = None):
+        self.objective, self.ema, self.cfg, self.out, self.log, self.main = objective, ema, cfg, out, log, main
+        self.extra = extra
+        self.decode = None
+        self.disabled = False
+
+    def maybe_sample(self, step: int) -> Path | None:
+        from irepa.trainer.data import mix_seed
+
+        if not self.main or self.disabled:
+            return None
+        if self.decode is None:
+            try:
+                self.decode = self.objective.decoder(self.cfg.vae, self.extra, offline=True)
+            except Exception as e:  # noqa: BLE001 - any failure: skip previews with one log line
+                self.disabled = True
+                self.log(f"sample previews off: cannot load the VAE offline ({type(e).__name__}: {e})")
+                return None
+        device = self.objective.device
+        n = max(1, self.cfg.sample_n)
+        g = torch.Generator(device="cpu").manual_seed(mix_seed("preview", self.cfg.seed))
+        z = torch.randn((n, *self.objective.noise_shape()), generator=g).to(device)
+        y = (torch.arange(n) % self.objective.data.num_classes).to(device)
+        gen = torch.Generator(device=device).manual_seed(mix_seed("preview-sde", self.cfg.seed))
+        x = self.objective.sample(self.ema, z, y, method=self.cfg.sample_method or self.objective.preview_sampling["method"],
+                                  steps=self.cfg.sample_steps or self.objective.preview_sampling["steps"],
+                                  cfg_scale=self.cfg.sample_cfg, generator=gen)
+        p = save_image_grid(self.decode(x), self.out / "samples" / f"{step:07d}.png")
+        self.log(f"samples {p}")
+        return p
+
+
+# ----------------------------------------------------------------------------- irepa-sample
+
+
+def load_for_sampling(cfg: Any, device: torch.device) -> tuple[Any, nn.Module]:
+    """(objective, model in eval mode on ``device``) from an irepa-train checkpoint or, with
+    ``--init-from``, a REPA / iREPA release checkpoint (a flow SiT described by the flags)."""
+    import json
+
+    from irepa.pipeline.defaults import SD_VAE_SCALE
+    from irepa.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from irepa.trainer.config import TrainConfig, resolve_train
+    from irepa.trainer.data import LatentNorm
+    from irepa.trainer.objectives import DataSpec, get_objective
+
+    if cfg.ckpt is not None:
+        p = Path(cfg.ckpt)
+        if p.is_dir():
+            found = latest_checkpoint(p)
+            if found is None:
+                raise FileNotFoundError(f"--ckpt {p}: run folder without checkpoints")
+            p = found
+        c = load_checkpoint(p)
+        known = set(TrainConfig.__dataclass_fields__)
+        args = dict(c["args"])
+        objective_cls = get_objective(str(args.get("objective", "flow")))
+        if objective_cls.Options is not None:
+            known |= set(objective_cls.Options.__dataclass_fields__)
+        train_cfg, opts, _ = resolve_train(config={k: v for k, v in args.items() if k in known})
+        extra = c.get("extra") or {}
+        mc = dict(c["model_config"])
+        if "data" in extra:
+            data = DataSpec.from_json(json.loads(extra["data"]))
+        else:  # checkpoints written before the objective seam: a flow SiT
+            hw = mc["input_size"] if isinstance(mc["input_size"], list) else [mc["input_size"]] * 2
+            norm = (LatentNorm.from_dict(json.loads(extra["latent_norm"])) if "latent_norm" in extra
+                    else LatentNorm("sd", SD_VAE_SCALE, 0.0))
+            data = DataSpec(latent_shape=(2 * int(mc["in_channels"]), int(hw[0]), int(hw[1])),
+                            num_classes=int(mc["num_classes"]), latent_norm=norm,
+                            vae=json.loads(extra.get("vae", "{}")) or None, store=str(extra.get("store", "")))
+        objective = objective_cls(train_cfg, opts, data, None, device)
+        model = objective.build_model(mc)
+        weights = c["ema"] if (cfg.use_ema and c.get("ema") is not None) else c["model"]
+        model.load_state_dict(weights)
+        return objective, model.to(device).eval()
+    if cfg.init_from is None:
+        raise ValueError("irepa-sample needs --ckpt (an irepa-train checkpoint or run folder) or --init-from")
+    from irepa.trainer.checkpoint import load_foreign_checkpoint
+    from irepa.trainer.models import build_sit, load_reference_state_dict
+    from irepa.trainer.objectives.flow import Flow, FlowOptions
+
+    if cfg.resolution % 8:
+        raise ValueError(f"--resolution {cfg.resolution} is not a multiple of the VAE factor 8")
+    if cfg.latent_norm != "sd":
+        raise ValueError("--init-from checkpoints sample with --latent-norm sd (REPA's scaling); "
+                         "per-channel stats are only known for irepa-train checkpoints")
+    over = {k: int(getattr(cfg, k)) for k in ("hidden_size", "depth", "num_heads", "patch_size")
+            if getattr(cfg, k) is not None}
+    side = cfg.resolution // 8
+    model = build_sit(cfg.model, input_size=side, in_channels=4, num_classes=cfg.num_classes, z_dims=(),
+                      qk_norm=cfg.qk_norm, **over)
+    info = load_reference_state_dict(model, load_foreign_checkpoint(cfg.init_from),
+                                     prefer="ema" if cfg.use_ema else "model", strict=False, source=str(cfg.init_from))
+    unexpected = [k for k in info["unexpected"] if not k.startswith("projectors.")]  # alignment heads: unused here
+    if info["missing"] or unexpected:
+        raise ValueError(f"--init-from {cfg.init_from} does not fit {cfg.model} as the flags describe it: missing "
+                         f"{info['missing'][:8]}, unexpected {unexpected[:8]}; check --model / --resolution / sizes")
+    data = DataSpec(latent_shape=(8, side, side), num_classes=cfg.num_classes,
+                    latent_norm=LatentNorm("sd", cfg.scaling_factor, 0.0), vae=None, store="")
+    train_cfg = TrainConfig(model=cfg.model)
+    objective = Flow(train_cfg, FlowOptions(path_type=cfg.path_type), data, None, device)
+    return objective, model.to(device).eval()
+
+
+def run_sampling(cfg: Any) -> Path:
+    """``irepa-sample``: sample ``cfg.num_samples`` images (image i from (seed, i) only, so batch
+    size and rank count do not change it), decode them and write ``samples.npz`` + ``grid.png``."""
+    import math
+
+    import torch.distributed as dist
+
+    from irepa.pipeline import dist as distributed
+    from irepa.pipeline.defaults import DEFAULT_VAE
+    from irepa.trainer.data import mix_seed
+
+    d = distributed.setup(cfg.device)
+    try:
+        objective, model = load_for_sampling(cfg, d.device)
+        vae = cfg.vae or ((objective.data.vae or {}).get("id") if objective.data.vae else None)
+        if objective.inputs == ("latents",) and not vae:
+            vae = DEFAULT_VAE
+        decode = objective.decoder(vae, None, offline=False)
+        out = Path(cfg.out)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(d)
+        n = int(cfg.num_samples)
+        per = int(math.ceil(n / d.world_size))
+        mine = list(range(d.rank * per, min(n, (d.rank + 1) * per)))
+        fixed = list(cfg.labels) if cfg.labels else None
+        shape = objective.noise_shape()
+        num_classes = objective.data.num_classes
+        method = cfg.method or objective.final_sampling["method"]
+        steps = cfg.steps or objective.final_sampling["steps"]
+        images, order = [], []
+        bar = None
+        if d.main and cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(mine), unit="img", desc="irepa-sample")
+        for s in range(0, len(mine), cfg.batch_size):
+            idx = mine[s:s + cfg.batch_size]
+            zs, ys = [], []
+            for i in idx:  # image i depends on (seed, i) only
+                g = torch.Generator().manual_seed(mix_seed("sample", cfg.seed, i))
+                zs.append(torch.randn(shape, generator=g))
+                ys.append(fixed[i % len(fixed)] if fixed else int(torch.randint(num_classes, (1,), generator=g)))
+            z = torch.stack(zs).to(d.device)
+            y = torch.as_tensor(ys, dtype=torch.long, device=d.device)
+            gen = [torch.Generator(device=d.device).manual_seed(mix_seed("sample-sde", cfg.seed, i)) for i in idx]
+            x = objective.sample(model, z, y, method=method, steps=steps, cfg_scale=cfg.cfg_scale,
+                                 guidance_interval=(cfg.guidance_low, cfg.guidance_high), generator=gen)
+            img = decode(x)  # uint8 [b, 3, H, W]
+            images.append(img.permute(0, 2, 3, 1).cpu().numpy())
+            order.extend(idx)
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        arr = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+        part = out / f".part-{d.rank:05d}.npz"
+        _atomic_npz(part, arr_0=arr.astype(np.uint8), index=np.asarray(order, dtype=np.int64))
+        distributed.barrier(d)
+        final = out / "samples.npz"
+        if d.main:
+            parts = [np.load(out / f".part-{r:05d}.npz", allow_pickle=False) for r in range(d.world_size)]
+            chunks = [p["arr_0"] for p in parts if len(p["arr_0"])]
+            allx = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
+            alli = np.concatenate([p["index"] for p in parts])
+            allx = allx[np.argsort(alli, kind="stable")]
+            _atomic_npz(final, arr_0=allx)
+            for r in range(d.world_size):
+                (out / f".part-{r:05d}.npz").unlink()
+            if cfg.grid and len(allx):
+                save_image_grid(allx[: int(cfg.grid)], out / "grid.png")
+            shape_txt = f"{allx.shape[1]}x{allx.shape[2]}" if len(allx) else "-"
+            print(f"[irepa-sample] wrote {final} ({allx.shape[0]} images, {shape_txt})", flush=True)
+        distributed.barrier(d)
+        return final
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _atomic_npz(path: Path, **arrays: Any) -> None:
+    from irepa.stores.manifest import atomic_open
+
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)

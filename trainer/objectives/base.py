@@ -144,6 +144,18 @@ class Objective:
         """Raise :class:`irepa.trainer.store_checks.StoreMismatchError` naming ``where`` (the
         store) when the data cannot train a model of ``config`` (channels, sizes, token grid)."""
 
+    def check_init(self, state: Any, source: str) -> None:
+        """Before ``--init-from``: refuse (naming ``source`` and the store) a checkpoint whose
+        weights cannot fit the data. Default: nothing to check beyond the strict load."""
+
+    def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
+        """Load ``--init-from`` weights into ``model``: strictly (every key must fit) unless
+        ``partial``; returns ``{"missing": [...], "unexpected": [...]}``."""
+        if isinstance(state, dict) and ("ema" in state or "model" in state):
+            state = state.get("ema") or state.get("model")
+        res = model.load_state_dict(state, strict=not partial)
+        return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules trained beside the model (checkpointed by name; no EMA). Default: none."""
         return {}
@@ -160,6 +172,10 @@ class Objective:
 
     # ------------------------------------------------------------------ sampling
 
+    #: sampler settings of the preview grid in training and of ``irepa-sample`` when not given
+    preview_sampling: ClassVar[dict[str, Any]] = {"method": None, "steps": None}
+    final_sampling: ClassVar[dict[str, Any]] = {"method": None, "steps": None}
+
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of one sample's starting noise (e.g. the latent ``(C, h, w)``)."""
         raise NotImplementedError
@@ -170,10 +186,11 @@ class Objective:
         """Integrate ``noise`` [B, ...] to the model's output space (latents or pixels)."""
         raise NotImplementedError
 
-    def decoder(self, vae_override: str | None = None,
-                extra: dict[str, nn.Module] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function sampled outputs -> uint8 images [B, 3, H, W] (loads a VAE when needed,
-        offline only; raises with a clear message when it cannot)."""
+    def decoder(self, vae_override: str | None = None, extra: dict[str, nn.Module] | None = None,
+                offline: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function sampled outputs -> uint8 images [B, 3, H, W]. Loads a VAE when needed
+        (``offline``: from local files / the hub cache only, as previews in training do; raises
+        with a clear message when it cannot); ``extra`` are the run's extra modules."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers

@@ -1,0 +1,111 @@
+"""``irepa-cache build`` options (:class:`BuildConfig`) and the parsing of encoder lists and weights.
+
+Torch-free, so that the command line is checked before any heavy import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .config import OptionError, check_fields, option, resolve
+from .defaults import DEFAULT_ENCODER, DEFAULT_VAE
+
+__all__ = ["BuildConfig", "split_names", "parse_weights", "build_config"]
+
+
+@dataclass
+class BuildConfig:
+    """Run the VAE and vision encoder(s) over a dataset once and write a store.
+
+    With no --data, builds the embedded demo: the bundled sample photos, a tiny random VAE and a
+    tiny random encoder of the named architecture, into stores/demo.
+    """
+
+    data: str | None = option(None, "ImageFolder root, webdataset tar shards ('train-{000000..000146}.tar') "
+                                    "or a .txt file list; default: the bundled demo photos", metavar="PATH")
+    out: str = option("stores/demo", "store directory", metavar="DIR")
+    encoder: list[str] | None = option(None, f"registry name(s) or raw timm ids, comma separated (default "
+                                             f"{DEFAULT_ENCODER}); all run on the same decoded batch", metavar="A,B")
+    vae: str | None = option(None, f"diffusers AutoencoderKL hub id or local folder (default {DEFAULT_VAE}), or tiny",
+                             metavar="ID")
+    resolution: int = option(256, "ADM center-crop size (256 or 512)")
+    encoder_config: str | None = option(None, "tiny: a reduced random-initialised encoder (tests, demos)",
+                                        choices=("tiny",))
+    weights: str | None = option(None, "local encoder checkpoint (safetensors or state dict): PATH, or "
+                                       "name=PATH,name2=PATH2", metavar="PATH")
+    latents_from: str | None = option(None, "reuse this store's VAE latents (same dataset and resolution); "
+                                            "run only the encoders", metavar="STORE")
+    flip: bool = option(False, "also store the horizontally flipped view")
+    feature_dtype: str = option("float16", "feature storage: float16, or int8 (per-token scale, half the bytes)",
+                                choices=("float16", "int8"))
+    latent_dtype: str = option("float32", "posterior mean and std storage", choices=("float32", "float16"))
+    cls: bool = option(False, "also store each encoder's CLS token")
+    format: str = option("zarr", "zarr (random access) or wds (webdataset tar shards, streaming)",
+                         choices=("zarr", "wds"))
+    shard_size: int = option(1024, "samples per shard file (with --latents-from: that store's)")
+    batch_size: int = option(64, "images per forward pass")
+    num_workers: int = option(4, "image-decoding DataLoader workers")
+    resume: bool = option(True, "finish an interrupted build in place; --noresume refuses an existing store")
+    repair: bool = option(False, "verify every shard file first and rebuild the shards that fail (a flipped "
+                                 "byte, a deleted file); the result equals an undamaged build")
+    device: str | None = option(None, "torch device (default cuda:LOCAL_RANK when available, else cpu)")
+    precision: str = option("bf16", "encoder precision on CUDA: bf16 autocast, or fp32; the VAE always runs "
+                                    "fp32 and CPU builds run fp32 throughout", choices=("bf16", "fp32"))
+    pretrained: bool = option(True, "load the encoders' pretrained weights (false: random init)", hidden=True)
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise OptionError(f"--num-workers must be >= 0; got {self.num_workers}")
+        if self.resolution <= 0 or self.resolution % 16:
+            raise OptionError(f"--resolution {self.resolution} is not a positive multiple of 16")
+
+    @property
+    def encoders(self) -> list[str]:
+        """The encoder names as given (default: the default encoder)."""
+        return list(self.encoder or [DEFAULT_ENCODER])
+
+
+def build_config(cfg: BuildConfig | None = None, **kwargs) -> BuildConfig:
+    """A :class:`BuildConfig` from keyword arguments (the Python API), checked like the CLI's."""
+    if cfg is not None:
+        if kwargs:
+            raise TypeError("pass a BuildConfig or keyword arguments, not both")
+        return cfg
+    return resolve(BuildConfig, kwargs)[0]
+
+
+def split_names(value: str | Sequence[str] | None) -> list[str]:
+    """``"a,b"``, ``("a", "b")`` or None -> a clean list of names."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [v.strip() for v in items if v.strip()]
+
+
+def parse_weights(weights: str | Sequence[str] | Mapping[str, str] | None, encoders: list[str],
+                  flag: str = "--weights") -> dict[str, str]:
+    """``--weights PATH`` (one encoder) or ``--weights name=PATH,name2=PATH2`` -> {encoder: path}."""
+    if not weights:
+        return {}
+    if isinstance(weights, Mapping):
+        return {str(k): str(v) for k, v in weights.items()}
+    out: dict[str, str] = {}
+    for item in split_names(weights):
+        if "=" in item:
+            name, path = item.split("=", 1)
+            out[name.strip()] = path.strip()
+        elif len(encoders) == 1:
+            out[encoders[0]] = item
+        else:
+            raise ValueError(f"{flag} {item!r} is ambiguous with {len(encoders)} encoders {encoders}; "
+                             f"write {flag} name=PATH,name2=PATH2")
+    unknown = sorted(set(out) - set(encoders))
+    if unknown:
+        raise ValueError(f"{flag} names {unknown} that are not among the encoders {encoders}")
+    return out

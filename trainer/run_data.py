@@ -1,0 +1,142 @@
+"""What a run trains on: the store (or the ``--online`` models), described once as a DataSpec, and
+the micro-batches the loop reads from it.
+
+A batch is a dict on the device: ``latents`` (cached posterior [b, 2C, h, w]) and/or ``pixels``
+(uint8 [b, 3, H, W]) as the objective's ``inputs`` ask, ``features`` (one tensor per aligned
+encoder), ``label`` and ``index``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from irepa.pipeline import dist as distributed
+from irepa.trainer.data import LatentNorm, LoaderSpec, StoreLoader
+from irepa.trainer.objectives.base import DataSpec
+
+__all__ = ["RunData", "open_run_data", "CacheSource"]
+
+
+class CacheSource:
+    """Micro-batches from a store, moved to the device."""
+
+    def __init__(self, reader: Any, encoders: list[str], spec: LoaderSpec, steps: int, state: dict | None,
+                 num_workers: int, device: torch.device):
+        self.reader = reader
+        kind = "index" if reader.format == "zarr" else "stream"
+        counts = reader.shard_sample_counts() if kind == "stream" else None
+        self.loader = StoreLoader(reader.path, kind=kind, num_samples=len(reader), spec=spec, encoders=encoders,
+                                  steps=steps, state=state, num_workers=num_workers, shard_counts=counts,
+                                  pin_memory=device.type == "cuda")
+        self.encoders = encoders
+        self.device = device
+        self.num_samples = len(reader)
+
+    def __iter__(self) -> Iterator[dict]:
+        nb = self.device.type == "cuda"
+        for b in self.loader:
+            yield {
+                "latents": b["latents"].to(self.device, non_blocking=nb),
+                "features": [b["features"][e].to(self.device, non_blocking=nb) for e in self.encoders],
+                "label": b["label"].to(self.device, non_blocking=nb),
+                "index": b["index"],
+            }
+
+    def state_after(self, steps_done: int) -> dict:
+        return self.loader.state_after(steps_done)
+
+
+@dataclass
+class RunData:
+    """The opened data of a run: its DataSpec plus what makes batches."""
+
+    spec: DataSpec
+    reader: Any = None          # StoreReader of --cache
+    online: Any = None          # OnlineSource of --online
+    flip: bool = False
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return len(self.online.rows) if self.online is not None else len(self.reader)
+
+    @property
+    def where(self) -> str:
+        return self.spec.store
+
+    def describe(self) -> str:
+        if self.online is not None:
+            return "online"
+        return f"{self.reader.format} store {self.reader.path}"
+
+    def batches(self, spec: LoaderSpec, steps: int, state: dict | None, num_workers: int,
+                device: torch.device) -> Any:
+        """An iterable of this rank's micro-batches with ``state_after(steps_done)``."""
+        if self.online is not None:
+            return self.online.batches(spec, steps, state, num_workers)
+        return CacheSource(self.reader, list(self.spec.encoders), spec, steps, state, num_workers, device)
+
+
+def _select(available: Sequence[str], wanted: list[str] | None, aligning: bool, where: str, align: str) -> list[str]:
+    encoders = (list(wanted) if wanted else list(available)) if aligning else []
+    missing = [e for e in encoders if e not in available]
+    if missing:
+        raise ValueError(f"encoder(s) {missing} requested with --encoders are not in {where} (it has {list(available)})")
+    if aligning and not encoders:
+        raise ValueError(f"--align {align} needs encoder features but {where} has none; "
+                         "use --align none or build the store with an encoder")
+    return encoders
+
+
+def open_run_data(cfg: Any, d: distributed.Dist, inputs: Sequence[str],
+                  online_models: dict | None = None) -> RunData:
+    """Open ``--cache`` (checked complete; ``--verify`` recomputes checksums) and/or the ``--online``
+    models, and describe what the run trains on. Every rank fails together on a bad store."""
+    from irepa.trainer.store_checks import check_store_state, verify
+
+    if cfg.cache is None and not cfg.online:
+        raise ValueError("irepa-train needs --cache STORE (or --online with --data IMAGES / a store)")
+    reader = None
+    if cfg.cache is not None:
+        from irepa.stores import open_store
+
+        err: BaseException | None = None
+        try:
+            if cfg.verify and d.main:
+                verify(cfg.cache)
+            reader = open_store(cfg.cache)
+            check_store_state(reader.path, reader.manifest)
+        except Exception as e:  # noqa: BLE001 - re-raised below on every rank
+            err = e
+        distributed.fail_together(d, err)
+    aligning = cfg.align != "none"
+    where = str(cfg.cache or cfg.data)
+    if cfg.online:
+        from irepa.trainer.online import OnlineSource
+
+        online = OnlineSource.create(cfg, reader, d, online_models)
+        encoders = _select(online.encoders, cfg.encoders, aligning, where, cfg.align)
+        online.select(encoders)
+        manifest = online.manifest_like()
+        latent_shape, dims, grids = online.latent_shape, online.feature_dims, online.token_grids()
+        num_classes, flip = online.num_classes, online.flip
+    else:
+        online = None
+        manifest = reader.manifest
+        encoders = _select(reader.encoders, cfg.encoders, aligning, where, cfg.align)
+        latent_shape, dims, grids = tuple(reader.latent_shape), dict(reader.feature_dims), dict(reader.token_grids)
+        num_classes = int((manifest.get("dataset") or {}).get("num_classes") or 1000)
+        flip = bool(reader.has_flip)
+    norm = LatentNorm.from_manifest(manifest, cfg.latent_norm, where) if latent_shape is not None else None
+    spec = DataSpec(latent_shape=tuple(int(v) for v in latent_shape) if latent_shape is not None else None,
+                    encoders=encoders, feature_dims=[int(dims[e]) for e in encoders],
+                    token_grids=[tuple(int(v) for v in grids[e]) for e in encoders], num_classes=num_classes,
+                    latent_norm=norm, vae=manifest.get("vae"), latent_stats=manifest.get("latent_stats"),
+                    store=where)
+    missing = [i for i in inputs if i == "pixels"]
+    if missing:
+        raise ValueError(f"store {where} holds no pixels; this objective trains on pixels "
+                         "(build it with irepa-cache build --pixels)")
+    return RunData(spec, reader, online, flip)
