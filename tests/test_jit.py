@@ -300,7 +300,7 @@ def test_loss_equals_release_formulas_on_fixed_draws():
     out = phase.module({"pixels": pixels, "features": feats, "label": labels}, {"t": t, "e": e, "drop": drop}, {})
     mse, proj, total = release_loss(model, pixels, labels, drop, t, e, feats)
     torch.testing.assert_close(out["mse"], mse.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["align"], proj.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["align_loss"], proj.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["cosine"], -proj.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["loss"], total, atol=1e-5, rtol=1e-5)
     assert set(out) >= {"cosine/enc0", "cosine/enc1"}
@@ -313,7 +313,7 @@ def test_loss_equals_release_formulas_on_fixed_draws():
     assert len(m2.projectors) == 0
     res = obj_none.phases(m2, {})[0].module({"pixels": pixels, "features": [], "label": labels},
                                             {"t": t, "e": e, "drop": drop}, {})
-    assert torch.equal(res["loss"].detach(), res["mse"]) and float(res["align"]) == 0.0
+    assert torch.equal(res["loss"].detach(), res["mse"]) and float(res["align_loss"]) == 0.0
     with pytest.raises(ValueError, match="expects uint8 pixels"):
         phase.module({"pixels": pixels.float(), "features": feats, "label": labels}, {"t": t, "e": e, "drop": drop}, {})
 

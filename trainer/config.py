@@ -145,8 +145,10 @@ class SampleConfig:
     method: str | None = option(None, "sampler (default: the objective's; flow: sde, REPA's headline)")
     steps: int | None = option(None, "sampler steps (default: the objective's; flow: 250)")
     cfg_scale: float = option(1.0, "classifier-free guidance scale (REPA's FID setting: 1.8)")
-    guidance_low: float = option(0.0, "CFG is applied for guidance_low <= t <= guidance_high")
-    guidance_high: float = option(0.7, "upper end of the guidance interval (REPA: 0.7)")
+    guidance_low: float | None = option(None, "CFG only for guidance_low <= t <= guidance_high (default: the "
+                                              "objective's; flow: 0, REPA's interval)")
+    guidance_high: float | None = option(None, "upper end of the guidance interval (default: the objective's; "
+                                               "flow: 0.7, REPA's)")
     labels: list[int] | None = option(None, "class labels, comma separated, cycled; default: random per image from seed",
                                       metavar="A,B")
     seed: int = option(0, "image i's noise and label depend on (seed, i) only, not on ranks or batch size")

@@ -299,16 +299,12 @@ def run_sampling(cfg: Any) -> Path:
     import torch.distributed as dist
 
     from irepa.pipeline import dist as distributed
-    from irepa.pipeline.defaults import DEFAULT_VAE
     from irepa.trainer.data import mix_seed
 
     d = distributed.setup(cfg.device)
     try:
         objective, model = load_for_sampling(cfg, d.device)
-        vae = cfg.vae or ((objective.data.vae or {}).get("id") if objective.data.vae else None)
-        if objective.inputs == ("latents",) and not vae:
-            vae = DEFAULT_VAE
-        decode = objective.decoder(vae, None, offline=False)
+        decode = objective.decoder(cfg.vae, None, offline=False)
         out = Path(cfg.out)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +317,10 @@ def run_sampling(cfg: Any) -> Path:
         num_classes = objective.data.num_classes
         method = cfg.method or objective.final_sampling["method"]
         steps = cfg.steps or objective.final_sampling["steps"]
+        interval = None
+        if cfg.guidance_low is not None or cfg.guidance_high is not None:
+            interval = (cfg.guidance_low if cfg.guidance_low is not None else 0.0,
+                        cfg.guidance_high if cfg.guidance_high is not None else 1.0)
         images, order = [], []
         bar = None
         if d.main and cfg.progress:
@@ -337,7 +337,7 @@ def run_sampling(cfg: Any) -> Path:
             y = torch.as_tensor(ys, dtype=torch.long, device=d.device)
             gen = [torch.Generator(device=d.device).manual_seed(mix_seed("sample-sde", cfg.seed, i)) for i in idx]
             x = objective.sample(model, z, y, method=method, steps=steps, cfg_scale=cfg.cfg_scale,
-                                 guidance_interval=(cfg.guidance_low, cfg.guidance_high), generator=gen)
+                                 guidance_interval=interval, generator=gen)
             img = decode(x)  # uint8 [b, 3, H, W]
             images.append(img.permute(0, 2, 3, 1).cpu().numpy())
             order.extend(idx)

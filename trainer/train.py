@@ -215,10 +215,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                     with contextlib.nullcontext() if sync else runner.no_sync():
                         res = runner(batch, slice_draws(draws, slice(lo, lo + mb)), carries[k])
                         (res["loss"] / cfg.grad_accum).backward()
-                    _accumulate(window, phase.name, res, cfg.grad_accum)
+                    _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name)
                 clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
                 grad_norm = torch.nn.utils.clip_grad_norm_(phase.params, clip if clip > 0 else float("inf"))
-                _accumulate(window, phase.name, {"grad_norm": grad_norm}, 1)
+                _accumulate(window, phase.name, {"grad_norm": grad_norm}, 1, phases[0].name)
                 opt.step()
             for ema, decay in zip(emas, cfg.ema):
                 update_ema(ema, model, decay)
@@ -252,11 +252,12 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     return {"out": str(out), "step": step, "last": last}
 
 
-def _accumulate(window: dict[str, torch.Tensor], phase: str, res: dict[str, torch.Tensor], n: int) -> None:
+def _accumulate(window: dict[str, torch.Tensor], phase: str, res: dict[str, torch.Tensor], n: int,
+                first: str) -> None:
     """Add a phase's logged scalars (``loss`` detached) to the window, averaged over ``n`` micro-batches.
     The first phase logs under plain names, the others as ``<phase>/<name>``."""
     for k, v in res.items():
-        key = k if phase == "model" else f"{phase}/{k}"
+        key = k if phase == first else f"{phase}/{k}"
         val = v.detach().double() / n
         window[key] = window[key] + val if key in window else val
 

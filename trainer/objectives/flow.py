@@ -137,12 +137,12 @@ def check_sit_data(data: DataSpec, what: str, in_channels: int, input_hw: tuple[
 
 def latent_decoder(data: DataSpec, device: torch.device, vae_override: str | None = None, offline: bool = True
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalised latents -> uint8 images with the store's VAE (``offline``: no hub access)."""
+    """Normalised latents -> uint8 images with the store's VAE, or REPA's default VAE when the
+    data names none (a release checkpoint); ``offline``: no hub access."""
+    from irepa.pipeline.defaults import DEFAULT_VAE
     from irepa.pipeline.vae import load_vae
 
-    vae_id = vae_override or (data.vae or {}).get("id")
-    if not vae_id:
-        raise RuntimeError("the store's manifest names no VAE; pass --vae")
+    vae_id = vae_override or (data.vae or {}).get("id") or DEFAULT_VAE
     vae = load_vae(str(vae_id), device=device, local_files_only=offline)
     norm = data.latent_norm
 

@@ -221,7 +221,7 @@ class JiTStep(nn.Module):
                 align_loss, cosine, per = zero, zero, None
         v_pred = (x_pred.float() - z) / denom
         mse = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
-        out = {"loss": mse + self.coeff * align_loss, "mse": mse.detach(), "align": align_loss.detach(),
+        out = {"loss": mse + self.coeff * align_loss, "mse": mse.detach(), "align_loss": align_loss.detach(),
                "cosine": cosine.detach()}
         if per is not None and len(self.encoders) > 1:
             for name, c in zip(self.encoders, per):
@@ -246,10 +246,10 @@ class JiTObjective(Objective):
         "class_dropout": 0.1,
         "weight_decay": 0.0,
         "grad_clip": 0.0,  # the release does not clip gradients
-        "sample_method": "heun",  # preview samples as the official sampler (50 steps, last one Euler)
-        "sample_steps": 50,
     }
     Options = JiTOptions
+    preview_sampling = {"method": None, "steps": None}  # None: --sampler / --sampling-steps
+    final_sampling = {"method": None, "steps": None}
 
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):
@@ -373,7 +373,7 @@ class JiTObjective(Objective):
             align = AlignmentLoss(model.projectors, a, fused=bool(getattr(self.cfg, "fused_align", True)))
         step = JiTStep(model, align, a.coeff if align is not None else 0.0, self.opts.t_eps,
                        int(model.num_classes), self.data.encoders, self.amp_dtype)
-        return [Phase("jit", step, [p for p in model.parameters() if p.requires_grad])]
+        return [Phase("model", step, [p for p in model.parameters() if p.requires_grad])]
 
     # ------------------------------------------------------------------ sampling
     def noise_shape(self) -> tuple[int, ...]:
@@ -393,8 +393,8 @@ class JiTObjective(Objective):
                            method=method, cfg_scale=cfg_scale, interval=interval, t_eps=o.t_eps,
                            amp_dtype=self.amp_dtype)
 
-    def decoder(self, vae_override: str | None = None,
-                extra: dict[str, nn.Module] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def decoder(self, vae_override: str | None = None, extra: dict[str, nn.Module] | None = None,
+                offline: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         if vae_override:
             raise ValueError(f"--objective jit samples pixels directly; it uses no VAE (got --vae {vae_override})")
         return to_uint8
