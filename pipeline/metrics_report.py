@@ -494,9 +494,29 @@ def format_table(report: dict) -> str:
     return "\n".join(text)
 
 
+def sample_count_text(rows: Sequence[dict]) -> str:
+    """How many images the metrics were computed on, as the figure's title states it."""
+    counts = sorted({int(r["num_images"]) for r in rows})
+    if not counts:
+        return "no images"
+    if len(counts) == 1:
+        return f"{counts[0]} images per store"
+    return f"{counts[0]} to {counts[-1]} images per store"
+
+
 def plot_report(report: dict, path: Union[str, Path]) -> Path:
-    """PNG: per metric, the encoders side by side (raw and spatial-norm bars, 95% CI error bars);
-    with a FID table, a second row of metric-vs-FID scatters titled with Pearson r / Spearman rho."""
+    """Write :func:`report_figure` as a PNG (atomically)."""
+    fig = report_figure(report)
+    path = Path(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
+    return path
+
+
+def report_figure(report: dict):
+    """Per metric, the encoders side by side (raw and spatial-norm bars, 95% CI error bars); with a
+    FID table, a second row of metric-vs-FID scatters (marker = variant, with a legend) titled with
+    Pearson r / Spearman rho. The title states how many images each store contributed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -541,12 +561,11 @@ def plot_report(report: dict, path: Union[str, Path]) -> Path:
             ax2.set_title(f"{m.upper()} vs FID (raw): r={r_txt}, rho={s_txt}", fontsize=9)
             ax2.set_xlabel(m.upper())
             ax2.set_ylabel("FID")
-    fig.suptitle(f"Spatial structure of encoder features (n per store <= {report['config']['limit']})", fontsize=10)
+            if col == 0:
+                ax2.legend(fontsize=7, title="marker", title_fontsize=7)
+    fig.suptitle(f"Spatial structure of encoder features ({sample_count_text(rows)})", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png")
-    return path
+    return fig
 
 
 def _nan(x: Optional[float], default: float = float("nan")) -> float:

@@ -436,6 +436,14 @@ def test_run_metrics_on_synthetic_store(zarr_store, tmp_path, capsys):
     assert f"{a['mean']:.4f}±{a['half_width']:.4f}" in table
     assert "Correlation with FID" in table
     assert rep["files"]["png"] == str(out / "metrics.png")
+    # the figure states the real sample count and names its markers (issue 15)
+    from irepa.pipeline.metrics_report import report_figure
+
+    fig = report_figure(data)
+    assert fig._suptitle.get_text().endswith("(12 images per store)")
+    scatter_axes = [ax for ax in fig.axes if ax.get_ylabel() == "FID"]
+    legends = [ax.get_legend() for ax in scatter_axes if ax.get_legend() is not None]
+    assert legends and [t.get_text() for t in legends[0].get_texts()] == ["raw", "spatial-norm"]
 
 
 def test_run_metrics_two_stores_and_wds(zarr_store, tmp_path):

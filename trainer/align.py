@@ -47,6 +47,7 @@ __all__ = [
     "resolve_align",
     "alignment_loss_reference",
     "AlignmentLoss",
+    "alignment_terms",
 ]
 
 PROJECTOR_KINDS = ("mlp", "linear", "conv")
@@ -377,3 +378,19 @@ class AlignmentLoss(nn.Module):
         per = _FusedAlignment.apply(spec, h, *[z.detach() for z in targets], *flat)
         loss = per.mean()
         return {"loss": loss, "cosine": -loss.detach(), "per_encoder": -per.detach()}
+
+
+def alignment_terms(align: AlignmentLoss | None, h: torch.Tensor | None, targets: Sequence[torch.Tensor],
+                    encoders: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """What every objective logs of the alignment: ``align_loss`` (with grad, without coeff), the
+    mean ``cosine``, and ``align_loss/<encoder>`` / ``cosine/<encoder>`` per encoder (detached);
+    zeros without alignment."""
+    if align is None or h is None:
+        zero = torch.zeros((), device=device)
+        return {"align_loss": zero, "cosine": zero.clone()}
+    a = align(h, targets)
+    out = {"align_loss": a["loss"].float(), "cosine": a["cosine"].float()}
+    for name, c in zip(encoders, a["per_encoder"]):
+        out[f"cosine/{name}"] = c.float()
+        out[f"align_loss/{name}"] = -c.float()
+    return out

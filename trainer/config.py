@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from irepa.pipeline.config import OptionError, check_fields, option, resolve, to_json
 from irepa.pipeline.defaults import SD_VAE_SCALE
 
-__all__ = ["TrainConfig", "SampleConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json"]
+__all__ = ["TrainConfig", "SampleConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
+           "require_extras"]
 
 ALIGN_PRESETS = ("irepa", "repa", "irepa-official-ldm", "irepa-official-jit", "none")
 #: TrainConfig field -> AlignConfig field, for the alignment preset's values
@@ -101,6 +102,11 @@ class TrainConfig:
     sample_method: str | None = option(None, "sampler for previews (default: the objective's; flow: ode | sde | heun)")
     sample_cfg: float = option(1.0, "CFG scale for previews")
     tensorboard: bool = option(False, "also log to <out>/tensorboard (needs the tensorboard extra)")
+    wandb: bool = option(False, "also log the metrics rows to Weights & Biases (needs the wandb extra)")
+    wandb_project: str = option("irepa", "W&B project")
+    wandb_name: str | None = option(None, "W&B run name (default: the run folder's name)")
+    wandb_mode: str = option("online", "W&B mode: online, or offline (sync later with `wandb sync`)",
+                             choices=("online", "offline"))
     progress: bool = option(True, "show the tqdm bar")
 
     def __post_init__(self) -> None:
@@ -259,3 +265,21 @@ def train_to_json(cfg: TrainConfig, opts: Any = None) -> dict[str, Any]:
     if opts is not None:
         d.update(to_json(opts))
     return d
+
+
+#: optional features -> (import name, pyproject extra)
+EXTRAS = {"xformers": ("xformers", "xformers"), "tensorboard": ("tensorboard", "tensorboard"),
+          "wandb": ("wandb", "wandb")}
+
+
+def require_extras(cfg: TrainConfig) -> None:
+    """Fail before any work when a flag needs an optional package that is not installed."""
+    import importlib.util
+
+    wanted = [k for k, on in (("xformers", cfg.attn == "xformers"), ("tensorboard", cfg.tensorboard),
+                              ("wandb", cfg.wandb)) if on]
+    for k in wanted:
+        module, extra = EXTRAS[k]
+        if importlib.util.find_spec(module) is None:
+            flag = "--attn xformers" if k == "xformers" else f"--{k}"
+            raise OptionError(f"{flag} needs the {module} package: pip install 'irepa[{extra}]' (or drop {flag})")

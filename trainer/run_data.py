@@ -66,6 +66,24 @@ class RunData:
     def where(self) -> str:
         return self.spec.store
 
+    def identity(self) -> dict[str, Any]:
+        """What the run trains on, by content: the dataset fingerprint and each aligned encoder's
+        timm id and weights hash (a resume must see the same, wherever the store lives now)."""
+        if self.reader is not None:
+            m = self.reader.manifest
+            fp, encs, where = m["dataset"]["fingerprint"], m.get("encoders") or {}, str(self.reader.path)
+        else:
+            from irepa.stores import dataset_fingerprint
+
+            fp = dataset_fingerprint(self.online.source.keys)
+            encs = {n: {"timm_id": e.timm_id, "weights_sha256": e.weights_sha256()}
+                    for n, e in self.online.encoder_models.items()}
+            where = str(getattr(self.online, "data", "online"))
+        return {"store": where, "fingerprint": fp,
+                "encoders": {n: {"timm_id": (encs.get(n) or {}).get("timm_id"),
+                                 "weights_sha256": (encs.get(n) or {}).get("weights_sha256")}
+                             for n in self.spec.encoders}}
+
     def describe(self) -> str:
         if self.online is not None:
             return "online"
@@ -129,6 +147,12 @@ def open_run_data(cfg: Any, d: distributed.Dist, inputs: Sequence[str],
         latent_shape, dims, grids = tuple(reader.latent_shape), dict(reader.feature_dims), dict(reader.token_grids)
         num_classes = int((manifest.get("dataset") or {}).get("num_classes") or 1000)
         flip = bool(reader.has_flip)
+        if len(reader) == 0:
+            from irepa.trainer.store_checks import StoreMismatchError
+
+            reasons = ", ".join(sorted({s["reason"] for s in manifest.get("skipped") or []})[:3]) or "none listed"
+            raise StoreMismatchError(f"store {reader.path} holds no samples ({manifest['num_rows']} rows, all "
+                                     f"skipped: {reasons}); rebuild it from images that decode")
     norm = LatentNorm.from_manifest(manifest, cfg.latent_norm, where) if latent_shape is not None else None
     spec = DataSpec(latent_shape=tuple(int(v) for v in latent_shape) if latent_shape is not None else None,
                     encoders=encoders, feature_dims=[int(dims[e]) for e in encoders],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 __all__ = ["RunLog", "MetricsLog"]
 
@@ -25,9 +26,11 @@ class RunLog:
 
 
 class MetricsLog:
-    """JSON lines in ``<out>/metrics.jsonl`` (rank 0); on resume, lines after the resumed step go."""
+    """JSON lines in ``<out>/metrics.jsonl`` (rank 0); on resume, lines after the resumed step go.
+    The same rows go to TensorBoard (``--tensorboard``) and Weights & Biases (``--wandb``)."""
 
-    def __init__(self, out: Path, start_step: int, tensorboard: bool = False):
+    def __init__(self, out: Path, start_step: int, cfg: Any = None):
+        tensorboard = bool(getattr(cfg, "tensorboard", False))
         self.path = out / "metrics.jsonl"
         if self.path.exists():
             keep = []
@@ -47,6 +50,12 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(out / "tensorboard"))
             except Exception as e:  # noqa: BLE001
                 print(f"[irepa-train] tensorboard unavailable ({e}); logging JSON lines only", flush=True)
+        self.wandb = None
+        if getattr(cfg, "wandb", False):
+            import wandb  # optional extra; checked before the run started
+
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or out.name, dir=str(out),
+                                    mode=cfg.wandb_mode, config=cfg.to_json(), id=_wandb_id(out), resume="allow")
 
     def write(self, rec: dict) -> None:
         with open(self.path, "a") as f:
@@ -55,7 +64,21 @@ class MetricsLog:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=int(rec["step"]))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(out: Path) -> str:
+    """One W&B run per run folder (a resume continues it): a stable id kept in <out>/wandb_id."""
+    import uuid
+
+    p = out / "wandb_id"
+    if not p.exists():
+        p.write_text(uuid.uuid4().hex[:16] + "\n")
+    return p.read_text().strip()

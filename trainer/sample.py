@@ -178,6 +178,18 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: i
 # ----------------------------------------------------------------------------- previews in training
 
 
+class CountCalls(nn.Module):
+    """``module`` that ticks a progress bar at every call (samplers of any objective show progress)."""
+
+    def __init__(self, module: nn.Module, bar: Any):
+        super().__init__()
+        self.module, self.bar = module, bar
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.bar.update(1)
+        return self.module(*args, **kwargs)
+
+
 class PreviewSampler:
     """EMA samples of fixed noise and labels, decoded by the objective's decoder, as a PNG grid.
 
@@ -210,9 +222,13 @@ class PreviewSampler:
         z = torch.randn((n, *self.objective.noise_shape()), generator=g).to(device)
         y = (torch.arange(n) % self.objective.data.num_classes).to(device)
         gen = torch.Generator(device=device).manual_seed(mix_seed("preview-sde", self.cfg.seed))
-        x = self.objective.sample(self.ema, z, y, method=self.cfg.sample_method or self.objective.preview_sampling["method"],
-                                  steps=self.cfg.sample_steps or self.objective.preview_sampling["steps"],
-                                  cfg_scale=self.cfg.sample_cfg, generator=gen)
+        from tqdm import tqdm
+
+        with tqdm(desc=f"preview {step}", unit="call", leave=False, disable=not self.cfg.progress) as bar:
+            x = self.objective.sample(CountCalls(self.ema, bar), z, y,
+                                      method=self.cfg.sample_method or self.objective.preview_sampling["method"],
+                                      steps=self.cfg.sample_steps or self.objective.preview_sampling["steps"],
+                                      cfg_scale=self.cfg.sample_cfg, generator=gen)
         p = save_image_grid(self.decode(x), self.out / "samples" / f"{step:07d}.png")
         self.log(f"samples {p}")
         return p

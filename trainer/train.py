@@ -28,9 +28,10 @@ from irepa.stores.manifest import atomic_write_bytes
 from irepa.trainer.align import resolve_align
 from irepa.trainer.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, load_foreign_checkpoint,
                                       restore_rng_state, save_checkpoint)
-from irepa.trainer.config import ALIGN_FIELDS, TrainConfig, train_to_json
+from irepa.trainer.config import ALIGN_FIELDS, TrainConfig, require_extras, resolve_train, train_to_json
 from irepa.trainer.data import LoaderSpec, mix_seed
 from irepa.trainer.objectives import get_objective
+from irepa.trainer.resume import check_resume
 from irepa.trainer.run_data import open_run_data
 from irepa.trainer.run_log import MetricsLog, RunLog
 from irepa.trainer.sample import PreviewSampler
@@ -72,7 +73,16 @@ def run(cfg: TrainConfig, opts: Any = None, *, online_models: dict | None = None
         distributed.teardown(d)
 
 
+def _resolved_args(args: dict) -> dict:
+    """A checkpoint's args as this version resolves them (types and new defaults normalised)."""
+    from irepa.trainer.config import objective_fields
+
+    known = set(TrainConfig.__dataclass_fields__) | set(objective_fields(args.get("objective", "flow")))
+    return train_to_json(*resolve_train(config={k: v for k, v in args.items() if k in known})[:2])
+
+
 def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict | None, notes: tuple) -> dict:
+    require_extras(cfg)
     objective_cls = get_objective(cfg.objective)
     if opts is None and objective_cls.Options is not None:
         opts = objective_cls.Options()
@@ -102,12 +112,14 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     objective = objective_cls(cfg, opts, data.spec, align, d.device, amp)
     model_config = objective.model_config()
     init_sd = load_foreign_checkpoint(cfg.init_from) if (cfg.init_from and ckpt is None) else None
+    args_json, identity = train_to_json(cfg, opts), data.identity()
     if ckpt is not None:
         diff = _config_diff(ckpt["model_config"], model_config)
         if diff:
             objective.check_data(ckpt["model_config"], data.where)  # names the store when that is the cause
             raise ValueError(f"cannot resume {ckpt_file}: the run now asks for a different model ("
                              + "; ".join(diff) + "); pass the flags of the original run or a new --out")
+        check_resume({**ckpt, "args": _resolved_args(ckpt["args"])}, ckpt_file, args_json, identity)
     if init_sd is not None:
         objective.check_init(init_sd, str(cfg.init_from))
     objective.check_data(model_config, data.where)
@@ -152,11 +164,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
             r = DDP(r, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
         runners[p.name] = torch.compile(r) if cfg.compile else r
 
-    args_json = train_to_json(cfg, opts)
-    extra_info = {"latent_norm": json.dumps(data.spec.latent_norm.to_dict() if data.spec.latent_norm else None),
+    extra_info = {"identity": json.dumps(identity), "latent_norm": json.dumps(data.spec.latent_norm.to_dict() if data.spec.latent_norm else None),
                   "vae": json.dumps(data.spec.vae or {}), "encoders": json.dumps(list(data.spec.encoders)),
                   "store": str(cfg.cache or ""), "data": json.dumps(data.spec.to_json()), "objective": cfg.objective}
-    metrics = MetricsLog(out, start_step, cfg.tensorboard) if d.main else None
+    metrics = MetricsLog(out, start_step, cfg) if d.main else None
     if d.main:
         atomic_write_bytes(out / "args.json", (json.dumps(args_json, indent=2, sort_keys=True) + "\n").encode())
         n_params = sum(p.numel() for p in model.parameters())
@@ -185,7 +196,7 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     # ---- the loop
     last: dict = {}
     window: dict[str, torch.Tensor] = {}
-    window_steps, t_window = 0, time.perf_counter()
+    window_steps, t_window, t_start, wait = 0, time.perf_counter(), time.perf_counter(), 0.0
     it = None  # the loader starts on the first step (none when the run is already finished)
     for m in [model, *extra.values()]:
         m.train()
@@ -197,7 +208,9 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
             draws = objective.draw(cfg.batch_size, g, d.device)
             if it is None:
                 it = iter(source)
+            t_wait = time.perf_counter()
             micro = [next(it) for _ in range(cfg.grad_accum)]
+            wait += time.perf_counter() - t_wait
             carries: list[dict] = [{} for _ in micro]
             lr_now = lr * min(1.0, step / warmup) if warmup > 0 else lr
             for phase in phases:
@@ -229,13 +242,17 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
             if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
                 rec = _log_record(window, window_steps, time.perf_counter() - t_window, step, lr_now, cfg,
                                   getattr(source, "num_samples", 1), d)
+                rec.update(elapsed_s=time.perf_counter() - t_start, time=time.time(),
+                           data_wait_s=wait / window_steps)
+                if d.device.type == "cuda":
+                    rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                 last = rec
                 if metrics is not None:
                     metrics.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec.get('cosine', 0.0):.3f}",
                                     img_s=f"{rec['img_per_s']:.1f}")
-                window, window_steps, t_window = {}, 0, time.perf_counter()
+                window, window_steps, t_window, wait = {}, 0, time.perf_counter(), 0.0
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and step < cfg.steps:
                 save(step)
             if cfg.sample_every > 0 and step % cfg.sample_every == 0:

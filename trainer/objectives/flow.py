@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from irepa.pipeline.config import option
-from irepa.trainer.align import AlignmentLoss
+from irepa.trainer.align import AlignmentLoss, alignment_terms
 from irepa.trainer.data import sample_posterior
 from irepa.trainer.loss import PATHS, TIME_SAMPLERS, FlowMatching, mean_flat
 from irepa.trainer.objectives import register
@@ -56,21 +56,6 @@ class FlowStep(nn.Module):
         out["mse"] = mse.detach()
         out["align_loss"] = out["align_loss"].detach()
         return out
-
-
-def alignment_terms(align: AlignmentLoss | None, h: torch.Tensor | None, targets: Sequence[torch.Tensor],
-                    encoders: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """``align_loss`` (with grad), the mean ``cosine`` and ``cosine/<encoder>`` of the alignment loss;
-    zeros without alignment. Shared by every objective that aligns SiT-like tokens."""
-    if align is None or h is None:
-        zero = torch.zeros((), device=device)
-        return {"align_loss": zero, "cosine": zero.clone()}
-    a = align(h, targets)
-    out = {"align_loss": a["loss"].float(), "cosine": a["cosine"].float()}
-    if len(encoders) > 1:
-        for name, c in zip(encoders, a["per_encoder"]):
-            out[f"cosine/{name}"] = c.float()
-    return out
 
 
 def sit_model_config(cfg: Any, data: DataSpec, align: Any | None, in_channels: int, input_hw: tuple[int, int],

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from irepa.trainer.align import alignment_terms
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
 
@@ -185,8 +186,8 @@ class JiTStep(nn.Module):
     ``forward(batch, draws, carry)``: ``batch["pixels"]`` uint8 [B, 3, H, W], ``batch["label"]``
     int64 [B], ``batch["features"]`` one [B, T, D] tensor per encoder; ``draws`` the rows of
     :meth:`JiTObjective.draw` (``t``, ``e``, ``drop``). Returns ``loss`` (v-space MSE + coeff *
-    alignment) and detached ``mse``, ``align``, ``cosine`` (and ``cosine/<encoder>`` with more
-    than one encoder).
+    alignment) and detached ``mse``, ``align_loss``, ``cosine`` and, per encoder,
+    ``cosine/<encoder>`` and ``align_loss/<encoder>``.
     """
 
     def __init__(self, model: nn.Module, align: nn.Module | None, coeff: float, t_eps: float, num_classes: int,
@@ -211,21 +212,14 @@ class JiTStep(nn.Module):
         z = tb * x + (1 - tb) * e
         denom = (1 - tb).clamp_min(self.t_eps)
         v = (x - z) / denom
-        zero = torch.zeros((), device=x.device)
         with _autocast(x.device, self.amp_dtype):
             x_pred, h = self.model(z, t, y)
-            if self.align is not None and h is not None:
-                a = self.align(h, batch["features"])
-                align_loss, cosine, per = a["loss"].float(), a["cosine"].float(), a["per_encoder"].float()
-            else:
-                align_loss, cosine, per = zero, zero, None
+            out = alignment_terms(self.align, h, batch["features"], self.encoders, x.device)
         v_pred = (x_pred.float() - z) / denom
         mse = ((v - v_pred) ** 2).mean(dim=(1, 2, 3)).mean()
-        out = {"loss": mse + self.coeff * align_loss, "mse": mse.detach(), "align_loss": align_loss.detach(),
-               "cosine": cosine.detach()}
-        if per is not None and len(self.encoders) > 1:
-            for name, c in zip(self.encoders, per):
-                out[f"cosine/{name}"] = c.detach()
+        out["loss"] = mse + self.coeff * out["align_loss"]
+        out["mse"] = mse.detach()
+        out["align_loss"] = out["align_loss"].detach()
         return out
 
 
