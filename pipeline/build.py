@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from irepa.stores import StoreError, StoreLayout, StoreWriter, open_store
 
+from .encoder_profiles import PROFILES
 from .encoders import Encoder, load_encoder
 from .sources import default_sample_source, open_source
 from .transforms import DecodeDataset
@@ -94,12 +95,23 @@ def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -
     return batches
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
 def encoder_autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32".
+    """bf16 autocast on CUDA (the default), fp16 autocast with precision="fp16" (the official iREPA
+    ldm code's default mixed precision); plain fp32 on CPU or with precision="fp32".
     The VAE opts out of autocast itself (``VaeEncoder.encode`` runs fp32)."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """What `encoder_autocast` really runs: the requested precision on CUDA, fp32 elsewhere."""
+    return precision if device.type == "cuda" else "fp32"
 
 
 class ShardAccumulator:
@@ -191,7 +203,7 @@ def _reopen_damaged_shards(out: str) -> None:
 
 
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
-                      flip: bool, feature_dtype: str) -> bool:
+                      flip: bool, feature_dtype: str, preprocess: str = "irepa") -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
     rerun can stop before loading any model. Anything else goes through the writer's checks."""
     from irepa.stores import read_manifest
@@ -207,6 +219,8 @@ def _already_complete(out: str, fingerprint: str, encoders: list[str], resolutio
         and m.get("format") == format
         and bool(m.get("flip")) == flip
         and all(e.get("feature_dtype") == feature_dtype for e in m["encoders"].values())
+        # stores written before preprocessing profiles existed hold native-profile features
+        and all((e.get("preprocess") or {}).get("profile", "native") == preprocess for e in m["encoders"].values())
     )
 
 
@@ -257,6 +271,7 @@ def build_store(
     device: str | None = None,
     precision: str = "bf16",
     progress: bool = True,
+    preprocess: str = "irepa",
 ) -> Path:
     """Build (or finish) a store; returns its path. See `pipeline.cli.build` for the flags."""
     dist = DistInfo.from_env()
@@ -275,8 +290,10 @@ def build_store(
         raise ValueError(f"--format must be zarr or wds, not {format!r}")
     if feature_dtype not in ("float16", "int8"):
         raise ValueError(f"--feature-dtype must be float16 or int8, not {feature_dtype!r}")
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision must be bf16 or fp32, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if preprocess not in PROFILES:
+        raise ValueError(f"--preprocess must be one of {', '.join(PROFILES)}, not {preprocess!r}")
     if resolution % 16:
         raise ValueError(f"--resolution {resolution} is not a multiple of 16")
 
@@ -291,7 +308,8 @@ def build_store(
     fingerprint = dataset_fingerprint(source.keys)
     if repair and dist.rank == 0:
         _reopen_damaged_shards(out)
-    if resume and not repair and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
+    if resume and not repair and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype,
+                                                   preprocess):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
@@ -306,6 +324,7 @@ def build_store(
             pretrained=pretrained and name not in weight_paths and encoder_config is None,
             weights=weight_paths.get(name),
             config=encoder_config,
+            preprocess=preprocess,
         )
         .eval()
         .to(dev)
@@ -363,6 +382,8 @@ def build_store(
                 "input_size": enc.input_size,
                 "config": encoder_config or "pretrained",
                 "cls": cls,
+                "preprocess": enc.profile.to_dict(),
+                "precision": effective_precision(dev, precision),
             }
             for name, enc in encoders.items()
         },
@@ -380,7 +401,8 @@ def build_store(
             "format": format,
             "shard_size": shard_size,
             "batch_size": batch_size,
-            "precision": precision if dev.type == "cuda" else "fp32",
+            "precision": effective_precision(dev, precision),
+            "preprocess": preprocess,
         },
     }
 
