@@ -244,6 +244,8 @@ def test_raw_timm_id_and_bad_names():
     enc = load_encoder("vit_small_patch16_224.augreg_in21k", 256, config="tiny")
     patches, cls = enc(torch.zeros(1, 3, 256, 256, dtype=torch.uint8))
     assert patches.shape == (1, 256, 64) and cls.shape == (1, 64)
+    # no official formula for a raw timm id: its own (native) profile, and the manifest says why
+    assert enc.profile.profile == "native" and "raw timm id" in enc.profile.notes[0]
     assert resolve_encoder("siglip") is ENCODERS["siglip-vit-b"]
     with pytest.raises(ValueError, match="unknown encoder 'dinov9'"):
         load_encoder("dinov9", 256, config="tiny")
