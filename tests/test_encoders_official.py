@@ -640,3 +640,24 @@ def test_profile_dict_is_recorded_in_describe():
     with pytest.raises(ValueError, match="unknown preprocess profile 'official'"):
         load_encoder("siglip-vit-b", 256, config="tiny", preprocess="official")
     np.testing.assert_allclose(enc.mean, IMNET[0])
+
+
+def test_dinov2_reg_hub_checkpoint_loads_and_resamples_as_official(tmp_path):
+    """The torch.hub DINOv2-with-registers layout (cls_token, register_tokens, pos_embed with a CLS
+    entry, mask_token, blocks.i.ls1.gamma): DINOv2Encoder adds pos_embed[:, 0] to the CLS token and
+    resamples the 37x37 grid with resample_abs_pos_embed; timm folds the CLS entry into cls_token."""
+    from timm.layers import resample_abs_pos_embed
+
+    src = load_encoder("dinov2-vit-s-reg", 256, config="tiny").model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    hub = {k: v for k, v in src.items() if k not in ("cls_token", "reg_token", "pos_embed")}
+    pos = torch.randn(1, 1 + 37 * 37, 64, generator=g)  # the hub model's 518-px grid, CLS entry first
+    hub.update(pos_embed=pos, cls_token=torch.randn(1, 1, 64, generator=g), register_tokens=src["reg_token"],
+               mask_token=torch.zeros(1, 64))
+    torch.save(hub, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    for res in (256, 512):
+        enc = load_encoder("dinov2-vit-s-reg", res, config="tiny", weights=tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+        official = resample_abs_pos_embed(pos, [16 * (res // 256)] * 2)  # DINOv2Encoder.load_model
+        torch.testing.assert_close(enc.model.pos_embed.data, official[:, 1:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(enc.model.cls_token.data, hub["cls_token"] + official[:, :1], rtol=0, atol=1e-6)
+        assert enc.profile.pos_embed["from_grid"] == [37, 37]
