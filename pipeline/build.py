@@ -43,12 +43,23 @@ def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -
     return batches
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
 def encoder_autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA (the default); plain fp32 on CPU or with precision="fp32".
+    """bf16 autocast on CUDA (the default), fp16 autocast with precision="fp16" (the official iREPA
+    ldm code's default mixed precision); plain fp32 on CPU or with precision="fp32".
     The VAE opts out of autocast itself (``VaeEncoder.encode`` runs fp32)."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """What `encoder_autocast` really runs: the requested precision on CUDA, fp32 elsewhere."""
+    return precision if device.type == "cuda" else "fp32"
 
 
 class ShardAccumulator:
@@ -140,7 +151,7 @@ def _reopen_damaged_shards(out: str) -> None:
 
 
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
-                      flip: bool, feature_dtype: str) -> bool:
+                      flip: bool, feature_dtype: str, preprocess: str = "irepa") -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
     rerun can stop before loading any model. Anything else goes through the writer's checks."""
     from irepa.stores import read_manifest
@@ -156,6 +167,8 @@ def _already_complete(out: str, fingerprint: str, encoders: list[str], resolutio
         and m.get("format") == format
         and bool(m.get("flip")) == flip
         and all(e.get("feature_dtype") == feature_dtype for e in m["encoders"].values())
+        # stores written before preprocessing profiles existed hold native-profile features
+        and all((e.get("preprocess") or {}).get("profile", "native") == preprocess for e in m["encoders"].values())
     )
 
 
@@ -214,7 +227,7 @@ def _build(cfg: BuildConfig) -> Path:
     if cfg.repair and dist.rank == 0:
         _reopen_damaged_shards(out)
     if cfg.resume and not cfg.repair and _already_complete(out, fingerprint, encoder_names, resolution, fmt, flip,
-                                                           feature_dtype):
+                                                           feature_dtype, cfg.preprocess):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
@@ -230,6 +243,7 @@ def _build(cfg: BuildConfig) -> Path:
             pretrained=cfg.pretrained and name not in weight_paths and encoder_config is None,
             weights=weight_paths.get(name),
             config=encoder_config,
+            preprocess=cfg.preprocess,
         )
         .eval()
         .to(dev)
@@ -287,6 +301,8 @@ def _build(cfg: BuildConfig) -> Path:
                 "input_size": enc.input_size,
                 "config": encoder_config or "pretrained",
                 "cls": with_cls,
+                "preprocess": enc.profile.to_dict(),
+                "precision": effective_precision(dev, precision),
             }
             for name, enc in encoders.items()
         },
@@ -298,7 +314,7 @@ def _build(cfg: BuildConfig) -> Path:
             "vae": vae_name,
             "encoder_config": encoder_config,
             "shard_size": shard_size,
-            "precision": precision if dev.type == "cuda" else "fp32",
+            "precision": effective_precision(dev, precision),
         },
     }
 

@@ -50,8 +50,12 @@ class BuildConfig:
     repair: bool = option(False, "verify every shard file first and rebuild the shards that fail (a flipped "
                                  "byte, a deleted file); the result equals an undamaged build")
     device: str | None = option(None, "torch device (default cuda:LOCAL_RANK when available, else cpu)")
-    precision: str = option("bf16", "encoder precision on CUDA: bf16 autocast, or fp32; the VAE always runs "
-                                    "fp32 and CPU builds run fp32 throughout", choices=("bf16", "fp32"))
+    precision: str = option("bf16", "encoder precision on CUDA: bf16 autocast, fp16 autocast (the official iREPA "
+                                    "ldm code's default), or fp32; the VAE always runs fp32 and CPU builds run fp32 "
+                                    "throughout", choices=("bf16", "fp16", "fp32"))
+    preprocess: str = option("irepa", "encoder preprocessing profile: irepa (what the official iREPA release "
+                                      "computes, so the paper's numbers reproduce) or native (the encoder's own timm "
+                                      "config); see docs/ENCODERS.md", choices=("irepa", "native"))
     pretrained: bool = option(True, "load the encoders' pretrained weights (false: random init)", hidden=True)
     progress: bool = option(True, "show a progress bar")
 

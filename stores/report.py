@@ -160,7 +160,9 @@ def describe_store(path: str | os.PathLike) -> dict:
         "vae": m["vae"],
         "latent_stats": m["latent_stats"],
         "latents_from": m["latents_from"],
-        "encoders": m["encoders"],
+        # stores written before preprocessing profiles existed hold features of the encoders' native profile
+        "encoders": {n: e if e.get("preprocess") else {**e, "preprocess": {"profile": "native"}}
+                     for n, e in m["encoders"].items()},
         "build_args": m["build_args"],
     }
 
@@ -201,10 +203,15 @@ def format_description(d: dict, max_skipped: int = 10) -> str:
     if ls:
         add(f"    latent stats over {ls['count']} positions: mean {_fmt(ls['mean'])} std {_fmt(ls['std'])}")
     for name, e in d["encoders"].items():
-        add(f"    encoder {name}: {_kv(e)}")
+        pre = e.get("preprocess") or {"profile": "native"}
+        add(f"    encoder {name}: {_kv({k: v for k, v in e.items() if k != 'preprocess'})}")
+        add(f"      preprocess {pre['profile']}: " + (_kv({k: pre.get(k) for k in _PRE_KEYS}) or "(store built before profiles)"))
     if d["build_args"]:
         add(f"    build args: {_kv(d['build_args'])}")
     return "\n".join(out)
+
+
+_PRE_KEYS = ("mean", "std", "input_size", "order", "interpolation", "antialias", "final_norm", "activation")
 
 
 def _fmt(v: list[float]) -> str:

@@ -106,13 +106,22 @@ def test_registry_matches_timm_architectures():
 
     pretrained = set(timm.list_models(pretrained=True))
     for name, spec in ENCODERS.items():
-        assert spec.timm_id in pretrained, name
+        if spec.weights == "timm":
+            assert spec.timm_id in pretrained, name
+            if spec.irepa_timm_id:
+                assert spec.irepa_timm_id in pretrained, name
+            cfg = timm.models.get_pretrained_cfg(spec.timm_id)
+            assert spec.mean == tuple(cfg.mean) and spec.std == tuple(cfg.std), name
+        else:  # MoCo v3 (--weights), WebSSL (Hugging Face): timm has the architecture, not the weights
+            assert timm.is_model(spec.timm_id) and spec.family in ("mocov3", "webssl"), name
         with torch.device("meta"):
-            m = timm.create_model(spec.timm_id, pretrained=False, num_classes=0)
+            m = timm.create_model(spec.timm_id, pretrained=False, num_classes=0, **dict(spec.arch))
+        if spec.hierarchical:  # SAM2 Hiera: 4x4 stem, three 2x poolings = stride 32, no prefix tokens
+            assert tuple(m.patch_embed.proj.stride) == (4, 4) and len(m.stage_ends) == 4, name
+            assert spec.patch_size == 32 and spec.num_prefix_tokens == 0, name
+            continue
         assert tuple(m.patch_embed.patch_size) == (spec.patch_size,) * 2, name
         assert m.num_prefix_tokens == spec.num_prefix_tokens, name
-        cfg = timm.models.get_pretrained_cfg(spec.timm_id)
-        assert spec.mean == tuple(cfg.mean) and spec.std == tuple(cfg.std), name
     # spot checks of the expected values
     assert ENCODERS["dinov2-vit-b-reg"].num_prefix_tokens == 5 and ENCODERS["siglip-vit-b"].num_prefix_tokens == 0
     assert ENCODERS["clip-vit-L"].mean == (0.48145466, 0.4578275, 0.40821073)
@@ -129,7 +138,7 @@ def test_every_registry_entry_builds_tiny(name):
         assert torch.isfinite(patches).all()
         assert enc.token_grid == (res // 16, res // 16) and enc.dim == 64
         assert enc.input_size == (res // 16) * spec.patch_size
-        assert enc.name == name and enc.timm_id == spec.timm_id
+        assert enc.name == name and enc.timm_id == (spec.irepa_timm_id or spec.timm_id)
         if spec.num_prefix_tokens and enc.has_cls:
             assert cls is not None and cls.shape == (1, 64)
         else:
@@ -140,7 +149,7 @@ def test_every_registry_entry_builds_tiny(name):
 
 def test_preprocess_and_tokens_match_repa_recipe():
     """REPA: x / 255, Normalize(mean, std), F.interpolate(x, 224, mode='bicubic'); patch tokens are
-    forward_features without CLS + registers."""
+    forward_features without CLS + registers (DINOv2: the same under both profiles)."""
     from torchvision.transforms import Normalize
 
     enc = load_encoder("dinov2-vit-b-reg", 256, config="tiny")
@@ -154,15 +163,19 @@ def test_preprocess_and_tokens_match_repa_recipe():
     assert feats.shape[1] == 5 + 256
     torch.testing.assert_close(patches, feats[:, 5:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cls, feats[:, 0], rtol=1e-5, atol=1e-5)
-    # /16 encoder at 256 px: no resize at all, only the normalisation
-    sig = load_encoder("siglip-vit-b", 256, config="tiny")
+    # /16 encoder at 256 px: no resize at all, only the normalisation (native: SigLIP's own 0.5 / 0.5;
+    # irepa: the official release normalises SigLIP with ImageNet's mean / std)
+    sig = load_encoder("siglip-vit-b", 256, config="tiny", preprocess="native")
     torch.testing.assert_close(sig.preprocess(x), (x.float() / 255.0 - 0.5) / 0.5, rtol=0, atol=1e-6)
+    sig = load_encoder("siglip-vit-b", 256, config="tiny")
+    torch.testing.assert_close(sig.preprocess(x), Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+        x.float() / 255.0), rtol=0, atol=1e-6)
     # a bf16 model keeps float32 preprocessing and returns float32 tokens close to fp32
     half = load_encoder("dinov2-vit-b-reg", 256, config="tiny", dtype=torch.bfloat16)
     torch.testing.assert_close(half.preprocess(x), ref_in, rtol=0, atol=1e-5)
     hp, hc = half(x)
     assert hp.dtype == torch.float32 and (hp - patches).abs().mean() < 0.05 * patches.abs().mean()
-    assert set(enc.describe()) == {"timm_id", "weights_sha256", "token_grid", "dim", "input_size"}
+    assert set(enc.describe()) == {"timm_id", "weights_sha256", "token_grid", "dim", "input_size", "preprocess"}
     assert enc.describe()["token_grid"] == [16, 16] and enc.describe()["input_size"] == 224
     with pytest.raises(ValueError, match="built for 256 px"):
         enc(torch.zeros(1, 3, 512, 512, dtype=torch.uint8))
@@ -194,11 +207,13 @@ def test_weights_torch_file_wrapped_and_resampled(tmp_path):
     torch.save({"model": sd, "epoch": 3}, tmp_path / "ckpt.pth")
     again = load_encoder("dinov2-vit-s", 256, config="tiny", seed=7, weights=tmp_path / "ckpt.pth")
     assert again.weights_sha256() == src.weights_sha256()
-    # loaded at 512 px: the position embedding is resampled to 32x32 as REPA does for DINOv2
-    big = load_encoder("dinov2-vit-s", 512, config="tiny", seed=7, weights=tmp_path / "ckpt.pth")
+    # loaded at 512 px: the position embedding is resampled from the file's 16x16 grid to 32x32 as
+    # REPA / iREPA do for DINOv2 (resample_abs_pos_embed: bicubic + antialias), under both profiles
     expect = resample_abs_pos_embed(sd["pos_embed"], [32, 32], num_prefix_tokens=1)
-    torch.testing.assert_close(big.model.pos_embed.data, expect, rtol=0, atol=1e-6)
-    torch.testing.assert_close(big.model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"], rtol=0, atol=0)
+    for prof in ("irepa", "native"):
+        big = load_encoder("dinov2-vit-s", 512, config="tiny", seed=7, weights=tmp_path / "ckpt.pth", preprocess=prof)
+        torch.testing.assert_close(big.model.pos_embed.data, expect, rtol=0, atol=1e-6)
+        torch.testing.assert_close(big.model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"], rtol=0, atol=0)
 
 
 def test_weights_strict_errors(tmp_path):
@@ -229,6 +244,8 @@ def test_raw_timm_id_and_bad_names():
     enc = load_encoder("vit_small_patch16_224.augreg_in21k", 256, config="tiny")
     patches, cls = enc(torch.zeros(1, 3, 256, 256, dtype=torch.uint8))
     assert patches.shape == (1, 256, 64) and cls.shape == (1, 64)
+    # no official formula for a raw timm id: its own (native) profile, and the manifest says why
+    assert enc.profile.profile == "native" and "raw timm id" in enc.profile.notes[0]
     assert resolve_encoder("siglip") is ENCODERS["siglip-vit-b"]
     with pytest.raises(ValueError, match="unknown encoder 'dinov9'"):
         load_encoder("dinov9", 256, config="tiny")

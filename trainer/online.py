@@ -160,8 +160,10 @@ class OnlineSource:
             conf = info.get("config")
             tiny = conf == "tiny"
             extra = conf if isinstance(conf, dict) else None
+            # the store's preprocessing profile (stores without one hold native features); no store: irepa
+            profile = (info.get("preprocess") or {}).get("profile", "native" if info else "irepa")
             out[n] = load_encoder(n, resolution=resolution, pretrained=n not in weights and not tiny,
-                                  weights=weights.get(n), config="tiny" if tiny else extra)
+                                  weights=weights.get(n), config="tiny" if tiny else extra, preprocess=profile)
         return out
 
     @staticmethod
@@ -205,7 +207,8 @@ class OnlineSource:
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """uint8 images -> (posterior [b, 2C, h, w] float32, [features [b, T, D] float32 per encoder])."""
         images = images.to(self.device, non_blocking=self.device.type == "cuda")
-        with encoder_autocast(self.device):  # the build's precision rule
+        precision = ((self.manifest or {}).get("build_args") or {}).get("precision") or "bf16"
+        with encoder_autocast(self.device, precision):  # the build's precision rule and choice
             mean, std = self.vae.encode(images)
             feats = [self.encoder_models[n](images)[0].float() for n in self.encoders]
         return torch.cat([mean.float(), std.float()], dim=1), feats
