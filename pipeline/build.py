@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from irepa.stores import StoreError, StoreLayout, StoreWriter, open_store
+from irepa.stores import StoreError, StoreLayout, StoreLock, StoreWriter, open_store, repair_store
 
 from .encoders import Encoder, load_encoder
 from .sources import default_sample_source, open_source
@@ -174,22 +174,6 @@ def _encode_batch(
     return out
 
 
-def _reopen_damaged_shards(out: str) -> None:
-    """--repair: verify every shard file and mark the damaged shards for rewriting."""
-    from irepa.stores import reopen_shards, verify_store
-
-    if not (Path(out) / "manifest.json").exists():
-        return
-    report = verify_store(out)
-    if report.bad_meta:
-        files = ", ".join(f for f, _ in report.bad_meta)
-        raise StoreError(f"store {out}: metadata file(s) {files} are damaged; --repair rewrites shards only: "
-                         "delete the folder and build again")
-    if report.bad_shards:
-        print(f"repair: shard(s) {sorted(report.bad_shards)} of {out} fail verification; rewriting them")
-        reopen_shards(out, report.bad_shards)
-
-
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
                       flip: bool, feature_dtype: str) -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
@@ -289,8 +273,10 @@ def build_store(
     from irepa.stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
+    if dist.rank == 0:
+        StoreLock.check(out)  # another build on this --out: fail now, naming it, before loading models
     if repair and dist.rank == 0:
-        _reopen_damaged_shards(out)
+        repair_store(out)
     if resume and not repair and _already_complete(out, fingerprint, encoder_names, resolution, format, flip, feature_dtype):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
@@ -451,5 +437,5 @@ def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: Dist
         writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume)
     _barrier(dist)
     if dist.rank != 0:
-        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True)
+        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True, lock=False)
     return writer
