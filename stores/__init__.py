@@ -40,12 +40,13 @@ from .lock import StoreLock
 from .manifest import FORMAT_VERSION, READ_VERSIONS, dataset_fingerprint, escape_key, read_manifest
 from .reader import StoreReader, open_store
 from .repair import repair_store
-from .report import VerifyReport, describe_store, find_strays, format_description, verify_store
+from .report import VerifyReport, array_bytes, describe_store, find_strays, format_description, verify_store
 from .writer import StoreWriter, reopen_shards
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "array_bytes",
     "DamagedData",
     "FORMAT_VERSION",
     "READ_VERSIONS",

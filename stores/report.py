@@ -134,6 +134,14 @@ def find_strays(root: Path, m: dict) -> list[str]:
     return sorted(out)
 
 
+def array_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk of each array of a store, from its backend (zarr: the array's chunk files;
+    webdataset: its tar members with their headers; "checksums" and "other" where they apply)."""
+    root = Path(path)
+    m = read_manifest(root)
+    return get_backend(m["format"]).array_bytes(root, m)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -771,6 +771,27 @@ class WdsBackend(Backend):
         m = _SHARD_FILE.fullmatch(rel)
         return int(m.group(1)) if m and int(m.group(1)) < num_shards and shard_name(int(m.group(1))) == rel else None
 
+    def array_bytes(self, root: Path, manifest: dict) -> dict[str, int]:
+        members = {n: e["member"] for n, e in manifest["encoders"].items()}
+        by_suffix = {member_suffix(name, members): name for name in manifest["arrays"]}
+        by_suffix[CRC_SUFFIX] = "checksums"
+        out = {name: 0 for name in manifest["arrays"]}
+        out["checksums"] = out["other"] = 0
+        for s in range(manifest["num_shards"]):
+            p = root / shard_name(s)
+            if not p.is_file():
+                continue
+            total, owned = p.stat().st_size, 0
+            for start, _, entries in tar_index(p).values():
+                prev = start
+                for suffix, data, size in sorted(entries, key=lambda e: e[1]):
+                    cost = data - prev + -(-size // BLOCK) * BLOCK  # its headers and padded data
+                    out[by_suffix.get(suffix, "other")] += cost
+                    owned += cost
+                    prev = data + -(-size // BLOCK) * BLOCK
+            out["other"] += total - owned  # end-of-archive blocks, tar record padding
+        return out
+
     def read_checks(self, format_version: int) -> list[str]:
         if format_version >= 2:
             return ["crc32c of every tar member (each sample's <key>.crc32c.json), checked before a sample is "

@@ -502,6 +502,15 @@ class ZarrBackend(Backend):
                 return int(head)
         return None
 
+    def array_bytes(self, root: Path, manifest: dict) -> dict[str, int]:
+        out = {name: 0 for name in manifest["arrays"]}
+        for name in out:
+            d = root / name / "c"
+            if d.is_dir():
+                for dirpath, _, files in os.walk(d):
+                    out[name] += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        return out
+
     def read_checks(self, format_version: int) -> list[str]:
         if format_version >= 2:
             return ["crc32c of every row of every payload array (zarr's crc32c codec; zarr-python and tensorstore "
