@@ -124,6 +124,17 @@ def test_flipped_payload_byte_in_zarr_names_store_array_row_and_file(tmp_path, a
     assert want["index"].tolist() == [row]
 
 
+def test_edited_zarr_json_is_refused_naming_it(tmp_path):
+    root = _store(tmp_path, "zarr")
+    meta = root / "features/tiny/zarr.json"
+    meta.write_text(meta.read_text().replace('"fill_value": 0.0', '"fill_value": 1.0'))
+    with pytest.raises(StoreError) as e:
+        open_store(root)
+    msg = str(e.value)
+    _one_line(msg)
+    assert str(meta) in msg and "sha256" in msg
+
+
 def test_flipped_byte_in_zstd_labels_chunk_is_a_one_line_store_error(tmp_path):
     root = _store(tmp_path, "zarr")
     f = root / "labels/c/1"

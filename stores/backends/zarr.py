@@ -524,4 +524,12 @@ class ZarrBackend(Backend):
                 "`irepa-cache verify` (sha256)"]
 
     def open_reader(self, root: Path, manifest: dict, listed: set[str], checks: bool) -> ZarrArrays:
+        if checks:  # an edited or damaged zarr.json would change how every byte is decoded
+            for rel, want in sorted((manifest.get("meta_files") or {}).items()):
+                p = root / rel
+                if not p.is_file():
+                    raise DamagedData(f"store {root}: metadata file {p} is missing (the manifest lists it)")
+                if sha256_file(p) != want:
+                    raise DamagedData(f"store {root}: metadata file {p} does not match the manifest's sha256 (it was "
+                                      "edited or is damaged); irepa-cache verify checks every file")
         return ZarrArrays(root, frozenset(listed), checks)
