@@ -263,6 +263,7 @@ class StoreReader:
         """Fill out[...][sel] with one read per array of these rows, in order. `bad` (skip mode)
         collects {batch position: message} of damaged rows instead of raising."""
         pre = "flip/" if flip else ""
+        whole = len(sel) == len(out["index"])
 
         def read(za: ZarrArrays, name: str) -> np.ndarray:
             damaged: list[tuple[int, str]] | None = [] if bad is not None else None
@@ -271,18 +272,24 @@ class StoreReader:
                 bad.setdefault(int(sel[j]), msg)
             return got
 
+        def put(d: dict, key: str, src: np.ndarray) -> None:
+            if whole and src.dtype == d[key].dtype:
+                d[key] = src  # the rows were read straight into a fresh array: no copy
+            else:
+                d[key][sel] = src
+
         if with_latents:
             src = self._latent_source._za if self._latent_source is not None else self._za
             if src is None:
                 raise StoreError(f"store {self.path}: random access to latents needs a random-access latents store")
-            out["latents"][sel] = read(src, f"{pre}latents")
+            put(out, "latents", read(src, f"{pre}latents"))
         for enc in encoders:
             f = read(self._za, f"{pre}features/{enc}")
             if f.dtype == np.int8:
                 f = dequantize_int8(f, read(self._za, f"{pre}feature_scales/{enc}"))
-            out["features"][enc][sel] = f
+            put(out["features"], enc, f)
             if self.manifest["encoders"][enc].get("cls"):
-                out["cls"][enc][sel] = read(self._za, f"{pre}cls/{enc}")
+                put(out["cls"], enc, read(self._za, f"{pre}cls/{enc}"))
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, flip: Sequence[bool] | np.ndarray | None = None,
                   encoders: Sequence[str] | None = None, with_latents: bool = True,

@@ -479,7 +479,10 @@ class NpyRef(LazyArray):
 
     def expect(self, crc: int) -> "NpyRef":
         """This reference, checking that the member's bytes have crc32c `crc` when read."""
-        return replace(self, crc=crc)
+        ref = object.__new__(NpyRef)  # dataclasses.replace costs ~30 us, a copy of the fields ~1 us
+        ref.__dict__.update(self.__dict__)
+        ref.__dict__["crc"] = crc
+        return ref
 
     def _raw(self, out: np.ndarray) -> None:
         flat = out.reshape(-1).view(np.uint8)
