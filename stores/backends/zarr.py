@@ -464,7 +464,8 @@ class ZarrArrays:
                     continue
                 except Exception as e:
                     first = str(e).splitlines()[0] if str(e) else ""
-                    problem = f"file {path} cannot be read: {type(e).__name__}: {first}"
+                    problem = (f"file {path} fails its crc32c check (the file is damaged)" if "checksum" in first
+                               else f"file {path} cannot be read (the file is damaged?): {type(e).__name__}: {first}")
             msg = f"store {self.root}: array {name!r} rows {r.start}-{r.stop - 1}: {problem}"
             if damaged is None:
                 raise DamagedData(msg)
