@@ -92,6 +92,11 @@ class StoreLock:
                 except OSError as e:
                     holder = _read_holder(fd)
                     os.close(fd)
+                    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                        print(f"store {store}: warning: its file system cannot lock {path} ({e.strerror}); "
+                              "building without the lock: do not start a second build on this store", flush=True)
+                        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                        break
                     if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         raise StoreError(f"store {store}: cannot lock {path}: {e}") from None
                     dead_here = holder.get("host") == _host() and isinstance(holder.get("pid"), int) \
