@@ -395,9 +395,10 @@ class StoreReader:
             except StopIteration:
                 return
             except DamagedData as e:
+                msg = str(e) if str(e).startswith("store ") else f"store {self.path}: {e}"
                 if not self._skip():
-                    raise
-                self.damaged.append(f"store {self.path}: {e}; the rest of this shard is skipped")
+                    raise DamagedData(msg) from None
+                self.damaged.append(f"{msg}; the rest of this shard is skipped")
                 return
             try:
                 s = self.decode_sample(k, r, where=where, features_dtype=features_dtype)
@@ -613,7 +614,10 @@ class StoreReader:
         shard = row // self.manifest["shard_size"]
         p = self.shard_path(shard)
         if self._tar_index is None or self._tar_index[0] != shard:
-            self._tar_index = (shard, wds_backend.tar_index(p))
+            try:
+                self._tar_index = (shard, wds_backend.tar_index(p))
+            except DamagedData as e:
+                raise DamagedData(f"store {self.path}: {e}") from None
         key = wds_backend.sample_key(row)
         entry = self._tar_index[1].get(key)
         if entry is None:
