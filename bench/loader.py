@@ -18,6 +18,11 @@ every file first; works without root, drops clean pages on Linux; "cold" is only
 kernel honours it). MB/s counts the store's bytes per sample (apparent file sizes / N) times
 samples delivered, so loader and plain figures measure the same bytes.
 
+Read-time checks: every loader (and zarr ``get_batch`` fp16) measurement is also taken with the
+reader's checksums turned off (``read_checks=False``: no crc32c of rows, shard indexes or tar
+members), interleaved with the checked runs (on, off, off, on, ...; median of ``--repeats``), and
+the table "Cost of the read-time checks" gives both times and the checks' share of the loader's.
+
 The demand line is what one GPU trainer consumes: ``--consume IMG_PER_S`` (for example the
 ``cached`` img/s of ``bench.train_step --real``), or by default an estimate for SiT-B/2 on one
 H200: FLOPs of a SiT-B/2 training step (counted on the meta device) at 40% of 989 TFLOPS bf16.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,23 +86,25 @@ def plain_read(files: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def loader_read(path: Path, fmt: str, workers: int, batch: int, samples: int, enc: str) -> tuple[float, int]:
+def loader_read(path: Path, workers: int, batch: int, samples: int, enc: str,
+                checks: bool = True) -> tuple[float, int]:
     """Seconds from creating the loader to holding ``samples`` samples (one epoch of the store).
 
     Worker start-up and the webdataset shuffle-buffer fill (the trainer's default 1000 samples)
     are included: timing only after the first batch would leave out most of the reading, which
-    happens while the buffer fills.
+    happens while the buffer fills. ``checks=False`` turns the reader's checksums off.
     """
     from irepa.stores import open_store
     from irepa.trainer.data import LoaderSpec, StoreLoader
 
     reader = open_store(path)
     n_batches = max(1, samples // batch)
-    kind = "index" if fmt == "zarr" else "stream"
+    kind = reader.loader_kind
     counts = reader.shard_sample_counts() if kind == "stream" else None
     t0 = time.perf_counter()
     loader = StoreLoader(path, kind=kind, num_samples=len(reader), spec=LoaderSpec(global_batch=batch, seed=0),
-                         encoders=[enc], steps=n_batches, num_workers=workers, shard_counts=counts)
+                         encoders=[enc], steps=n_batches, num_workers=workers, shard_counts=counts,
+                         read_checks=checks)
     it = iter(loader)
     got = 0
     for _ in range(n_batches):
@@ -107,14 +115,16 @@ def loader_read(path: Path, fmt: str, workers: int, batch: int, samples: int, en
     return dt, got
 
 
-def reader_read(path: Path, batch: int, samples: int, enc: str, fp16: bool) -> tuple[float, int] | None:
-    """zarr only: ``StoreReader.get_batch`` called directly in a random order (no DataLoader),
-    features kept fp16 when ``fp16`` (the reader's ``features_dtype``; None if it has none)."""
+def reader_read(path: Path, batch: int, samples: int, enc: str, fp16: bool,
+                checks: bool = True) -> tuple[float, int] | None:
+    """Random-access stores only: ``StoreReader.get_batch`` called directly in a random order (no
+    DataLoader), features kept fp16 when ``fp16`` (the reader's ``features_dtype``; None if it has
+    none). ``checks=False`` turns the reader's checksums off."""
     import inspect
 
     from irepa.stores import open_store
 
-    reader = open_store(path)
+    reader = open_store(path, read_checks=checks)
     kw = {"encoders": [enc], "with_keys": False}
     if fp16:
         if "features_dtype" not in inspect.signature(reader.get_batch).parameters:
@@ -128,6 +138,22 @@ def reader_read(path: Path, batch: int, samples: int, enc: str, fp16: bool) -> t
         b = reader.get_batch(order[s:s + batch], **kw)
         got += len(b["index"])
     return time.perf_counter() - t0, got
+
+
+def crc_and_copy_rate(nbytes: int = 1 << 19, reps: int = 400) -> tuple[float, float]:
+    """GB/s of google_crc32c (the read-time checksum) and of a plain memcpy over one buffer."""
+    import google_crc32c
+
+    x = np.frombuffer(np.random.default_rng(0).bytes(nbytes), dtype=np.uint8).copy()
+    y = np.empty_like(x)
+    out = []
+    for f in (lambda: google_crc32c.value(x), lambda: np.copyto(y, x)):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        out.append(nbytes * reps / (time.perf_counter() - t0) / 1e9)
+    return out[0], out[1]
 
 
 def trainer_demand() -> tuple[float, str]:
@@ -158,6 +184,7 @@ def main(argv=None) -> dict:
     workers = [int(w) for w in args.workers.split(",")] if args.workers else [0, min(8, os.cpu_count() or 1)]
     if args.smoke:
         workers = [0, 1]
+    from irepa.stores import open_store
     from irepa.stores.testing import make_synthetic_store
 
     work = Path(tempfile.mkdtemp(prefix="irepa-bench-loader-", dir=args.workdir))
@@ -172,10 +199,26 @@ def main(argv=None) -> dict:
             print(f"# wrote {fmt} store of {N} samples in {time.perf_counter() - t0:.1f} s")
         print(f"# {N} samples, latents 8x{2 * G}x{2 * G} float32 + features {G * G}x{D} fp16 per sample, "
               f"{S} per shard, loader micro-batch {B}")
+        crc_gbs, copy_gbs = crc_and_copy_rate()
+        print(f"# this host: crc32c (google_crc32c) {crc_gbs:.1f} GB/s, memcpy {copy_gbs:.1f} GB/s on one core "
+              "(the read-time checks cost about one crc32c pass over every byte read)")
+        checks_rows: list[dict] = []
+
+        def both(measure, prep) -> tuple[tuple[float, int], float]:
+            """(median seconds and samples with checks, median seconds without), interleaved."""
+            on, off = [], []
+            for rep in range(max(1, args.repeats)):
+                for checks in ((True, False) if rep % 2 == 0 else (False, True)):
+                    prep()
+                    dt, got = measure(checks)
+                    (on if checks else off).append((dt, got))
+            return (statistics.median(d for d, _ in on), on[0][1]), statistics.median(d for d, _ in off)
+
         for fmt, path in stores.items():
             files = store_files(path)
             store_bytes = sum(f.stat().st_size for f in files)
             per_sample = store_bytes / N
+            random_access = open_store(path).random_access
             for cache in ("warm", "cold"):
                 def prep():
                     if cache == "cold":
@@ -188,17 +231,24 @@ def main(argv=None) -> dict:
                            seconds=dt, samples_per_s=N / dt, mb_per_s=nbytes / dt / 1e6)
                 records.append(rec)
                 for w in workers:
-                    prep()
-                    dt, got = loader_read(path, fmt, w, B, N, enc)
+                    (dt, got), dt_off = both(lambda c: loader_read(path, w, B, N, enc, c), prep)
                     records.append(dict(format=fmt, cache=cache, reader="loader", workers=w, samples=got, seconds=dt,
                                         samples_per_s=got / dt, mb_per_s=got * per_sample / dt / 1e6))
-                if fmt == "zarr":
+                    checks_rows.append(dict(format=fmt, cache=cache, reader=f"loader, {w} workers", workers=w,
+                                            seconds_on=dt, seconds_off=dt_off, cost=dt / dt_off - 1))
+                if random_access:
                     for fp16 in (False, True):
-                        prep()
-                        res = reader_read(path, B, N, enc, fp16)
-                        if res is None:
-                            continue
-                        dt, got = res
+                        if fp16:
+                            res = both(lambda c: reader_read(path, B, N, enc, True, c), prep)
+                            (dt, got), dt_off = res
+                            checks_rows.append(dict(format=fmt, cache=cache, reader="get_batch fp16", workers=None,
+                                                    seconds_on=dt, seconds_off=dt_off, cost=dt / dt_off - 1))
+                        else:
+                            prep()
+                            res = reader_read(path, B, N, enc, fp16)
+                            if res is None:
+                                continue
+                            dt, got = res
                         records.append(dict(format=fmt, cache=cache, reader="get_batch " + ("fp16" if fp16 else "fp32"),
                                             workers=None, samples=got, seconds=dt, samples_per_s=got / dt,
                                             mb_per_s=got * per_sample / dt / 1e6))
@@ -210,6 +260,10 @@ def main(argv=None) -> dict:
                          r["samples"], f"{r['samples_per_s']:.0f}", f"{r['mb_per_s']:.0f}"])
         print_table(["store", "page cache", "read", "samples", "samples/s", "MB/s"], rows,
                     title="Loader vs plain read of the same bytes")
+        print_table(["store", "page cache", "read", "checks on (s)", "checks off (s)", "cost of the checks"],
+                    [[c["format"], c["cache"], c["reader"], f"{c['seconds_on']:.3f}", f"{c['seconds_off']:.3f}",
+                      f"{100 * c['cost']:+.1f}%"] for c in checks_rows],
+                    title=f"Cost of the read-time checks (crc32c), median of {max(1, args.repeats)} interleaved runs")
         if args.consume:
             demand, how = args.consume, "given with --consume"
         else:
@@ -225,10 +279,15 @@ def main(argv=None) -> dict:
                                best["mb_per_s"] / plain["mb_per_s"], "goal >= 0.8"))
                 ratios.append((f"{fmt} {cache}: loader samples/s / GPU demand", best["samples_per_s"] / demand,
                                "goal: several x"))
+                c = next(c for c in checks_rows if c["format"] == fmt and c["cache"] == cache
+                         and c["workers"] == best["workers"])
+                ratios.append((f"{fmt} {cache}: loader time checks on / off ({best['workers']} workers)",
+                               c["seconds_on"] / c["seconds_off"], "goal <= 1.05"))
         print_ratios(ratios)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    payload = dict(bench="loader", samples=N, batch=B, workers=workers, records=records)
+    payload = dict(bench="loader", samples=N, batch=B, workers=workers, records=records, checks=checks_rows,
+                   crc32c_gb_per_s=crc_gbs, memcpy_gb_per_s=copy_gbs)
     write_json(args.json, payload)
     return payload
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from irepa.stores import StoreError, StoreLayout, StoreWriter, open_store
+from irepa.stores import StoreError, StoreLayout, StoreLock, StoreWriter, open_store, repair_store
 
 from . import dist as distributed
 from .build_config import BuildConfig, build_config, parse_weights
@@ -134,22 +134,6 @@ def _encode_batch(
     return out
 
 
-def _reopen_damaged_shards(out: str) -> None:
-    """--repair: verify every shard file and mark the damaged shards for rewriting."""
-    from irepa.stores import reopen_shards, verify_store
-
-    if not (Path(out) / "manifest.json").exists():
-        return
-    report = verify_store(out)
-    if report.bad_meta:
-        files = ", ".join(f for f, _ in report.bad_meta)
-        raise StoreError(f"store {out}: metadata file(s) {files} are damaged; --repair rewrites shards only: "
-                         "delete the folder and build again")
-    if report.bad_shards:
-        print(f"repair: shard(s) {sorted(report.bad_shards)} of {out} fail verification; rewriting them")
-        reopen_shards(out, report.bad_shards)
-
-
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
                       flip: bool, feature_dtype: str, preprocess: str = "irepa") -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
@@ -224,8 +208,10 @@ def _build(cfg: BuildConfig) -> Path:
     from irepa.stores import dataset_fingerprint
 
     fingerprint = dataset_fingerprint(source.keys)
+    if dist.rank == 0:
+        StoreLock.check(out)  # another build on this --out: fail now, naming it, before loading models
     if cfg.repair and dist.rank == 0:
-        _reopen_damaged_shards(out)
+        repair_store(out)
     if cfg.resume and not cfg.repair and _already_complete(out, fingerprint, encoder_names, resolution, fmt, flip,
                                                            feature_dtype, cfg.preprocess):
         if dist.rank == 0:
@@ -380,5 +366,5 @@ def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: dist
         writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume)
     distributed.barrier(dist)
     if dist.rank != 0:
-        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True)
+        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True, lock=False)
     return writer

@@ -312,7 +312,7 @@ def _refuse_featureless(reader, path: str) -> None:
 
 def _feature_batches(reader, indices: np.ndarray, batch_size: int) -> Iterator[dict]:
     """Yield {"index", "key", "features": {enc: float32 [b, T, D]}} over ``indices`` (sorted)."""
-    if reader.format == "zarr":
+    if reader.random_access:
         for start in range(0, len(indices), batch_size):
             batch = reader.get_batch(indices[start:start + batch_size], with_latents=False)
             yield {"index": np.asarray(batch["index"]), "key": list(batch["key"]), "features": batch["features"]}

@@ -14,6 +14,11 @@ row and are skipped with a reason by the build. Common interface::
 
 Unlabelled inputs (a file list without labels, tars without ``cls``) get label 0 and the single
 class name "unlabeled".
+
+Keys are text. A file name whose bytes are not UTF-8 (``os.listdir`` returns it with surrogate
+escapes) keeps its row and is read by its real name; its key has each undecodable byte written
+as ``\\xNN`` (``irepa.stores.escape_key``: Latin-1 "café.png" -> ``caf\\xe9.png``), and every
+message about it names it that way.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from irepa.stores import escape_key, group_members
 
 __all__ = [
     "SourceError",
@@ -72,9 +79,19 @@ class _FileSource:
         return len(self.keys)
 
     def read_bytes(self, row: int) -> bytes:
-        """Raw file bytes of ``row``. I/O errors (a missing file) propagate: they are not data errors."""
-        with open(self.paths[row], "rb") as f:
-            return f.read()
+        """Raw file bytes of ``row``. A file that cannot be read (missing, a broken symbolic link,
+        no permission) is not a data error: SourceError names it and the build stops."""
+        path = self.paths[row]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            shown = escape_key(path)
+            if os.path.islink(path) and not os.path.exists(path):
+                why = f"it is a broken symbolic link to {escape_key(os.readlink(path))}"
+            else:
+                why = f"{e.strerror or type(e).__name__}"
+            raise SourceError(f"source file {shown} (row {row}, key {self.keys[row]!r}) cannot be read: {why}") from None
 
 
 class ImageFolderSource(_FileSource):
@@ -116,7 +133,7 @@ class ImageFolderSource(_FileSource):
                 f"class folder(s) {', '.join(empty[:10])}"
             )
         root_s = str(self.root)
-        self.keys = [os.path.relpath(p, root_s).replace(os.sep, "/") for p in self.paths]
+        self.keys = [escape_key(os.path.relpath(p, root_s).replace(os.sep, "/")) for p in self.paths]
         _check_unique(self.keys, f"ImageFolder {self.root}")
 
     def describe(self) -> dict[str, Any]:
@@ -144,18 +161,11 @@ def expand_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[s
     return out
 
 
-def _split_member(name: str) -> tuple[str, str] | None:
-    """webdataset's key/extension split: the key is everything before the first dot of the
-    last path component ("a/b.seg.png" -> ("a/b", "seg.png")); None when there is no dot."""
-    m = re.match(r"^((?:.*/|)[^./]+)[.]([^/]*)$", name)
-    return (m.group(1), m.group(2)) if m else None
-
-
 class WebDatasetSource:
     """Local, uncompressed webdataset tar shards (``images-{0000..0099}.tar``).
 
     Members are grouped into samples by webdataset's rule (consecutive members sharing the
-    key = member path before the first dot of its file name). Each sample needs one image
+    key = member path before the first dot of its file name; ``irepa.stores.group_members``). Each sample needs one image
     member (extension in ``WDS_IMAGE_EXTS``, first in that order wins) and may have ``cls``
     (an integer label as text). Keys are the ``__key__`` values; rows follow shard order then
     member order. An index (shard, byte offset, size) is built once by reading the tar
@@ -207,7 +217,7 @@ class WebDatasetSource:
                         ) from None
                     if label < 0:
                         raise SourceError(f"webdataset shard {shard}: sample {key!r} has negative cls {label}")
-                keys.append(key)
+                keys.append(escape_key(key))
                 labels.append(label)
                 shard_idx.append(si)
                 off, size, _ = members[image_ext]
@@ -237,8 +247,9 @@ class WebDatasetSource:
 
     @staticmethod
     def _scan(shard: str) -> Iterable[tuple[str, dict[str, tuple[int, int, bytes]]]]:
-        """Yield (key, {ext: (data offset, size, payload)}) per sample, grouping consecutive
-        members; the payload is read only for ``cls`` (b"" otherwise)."""
+        """Yield (key, {ext: (data offset, size, payload)}) per sample (`group_members`, extensions
+        lowercased, members without an extension passed over); the payload is read only for
+        ``cls`` (b"" otherwise)."""
         try:
             tf = tarfile.open(shard, mode="r:")
         except (tarfile.TarError, OSError) as exc:
@@ -246,28 +257,20 @@ class WebDatasetSource:
                 f"webdataset shard {shard}: cannot read as an uncompressed tar (random access "
                 f"needs plain .tar shards): {exc}"
             ) from exc
-        with tf:
-            cur_key: str | None = None
-            cur: dict[str, tuple[int, int, bytes]] = {}
+
+        def entries() -> Iterable[tuple[str, tuple[int, int, bytes]]]:
             for m in tf:
                 if not m.isfile():
                     continue
-                split = _split_member(m.name)
-                if split is None:
-                    continue
-                key, ext = split
-                if key != cur_key:
-                    if cur_key is not None:
-                        yield cur_key, cur
-                    cur_key, cur = key, {}
-                ext = ext.lower()
                 payload = b""
-                if ext == "cls":
+                if m.name.lower().endswith(".cls"):
                     fobj = tf.extractfile(m)
                     payload = fobj.read() if fobj is not None else b""
-                cur[ext] = (m.offset_data, m.size, payload)
-            if cur_key is not None:
-                yield cur_key, cur
+                yield m.name, (m.offset_data, m.size, payload)
+
+        with tf:
+            yield from group_members(entries(), f"webdataset shard {shard}", skip_unnamed=True, lower_suffix=True,
+                                     error=SourceError)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -349,7 +352,7 @@ class FileListSource(_FileSource):
             self.list_file = str(lf)
             base = Path(root).expanduser().resolve() if root is not None else lf.parent
             where = f"file list {lf}"
-            with open(lf, encoding="utf-8") as f:
+            with open(lf, encoding="utf-8", errors="surrogateescape") as f:
                 for lineno, line in enumerate(f, 1):
                     line = line.rstrip("\r\n")
                     if not line.strip() or line.lstrip().startswith("#"):
@@ -366,9 +369,10 @@ class FileListSource(_FileSource):
         if not entries:
             raise SourceError(f"{where}: no entries")
         self.root = str(base)
-        self.keys = [p for p, _, _ in entries]
+        written = [p for p, _, _ in entries]
+        self.keys = [escape_key(p) for p in written]
         _check_unique(self.keys, where)
-        self.paths = [p if os.path.isabs(p) else os.path.join(self.root, p) for p in self.keys]
+        self.paths = [p if os.path.isabs(p) else os.path.join(self.root, p) for p in written]
         texts = [lab for _, lab, _ in entries]
         if all(t is None for t in texts):
             self.labels = [0] * len(entries)

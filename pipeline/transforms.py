@@ -180,7 +180,9 @@ class DecodeDataset(torch.utils.data.Dataset):
     Item ``i`` is source row ``rows[i]`` (all rows by default, or the rows of one shard).
     Returns ``{"row": int, "image": uint8 tensor [3, S, S], "ok": bool, "reason": str}``;
     an undecodable input gives a zero image, ``ok=False`` and the DecodeError reason.
-    I/O errors while reading the bytes are not data errors and propagate (the build stops).
+    A file that cannot be read (missing, a broken symbolic link) is not a data error: the source's
+    SourceError names it and the build stops (from a DataLoader worker too:
+    ``irepa.stores.one_line`` recovers its one-line message from torch's re-raised error).
     """
 
     def __init__(self, source: _Source, image_size: int, rows: Sequence[int] | None = None):

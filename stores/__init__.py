@@ -1,4 +1,4 @@
-"""irepa's on-disk store format (version 1) as a library: zarr v3 and webdataset backends.
+"""irepa's on-disk store format (version 2) as a library: zarr v3 and webdataset backends.
 
 Depends on numpy, zarr, tarfile/webdataset and the standard library only (no torch at import).
 See docs/ARCHITECTURE.md for the interface. Choices the design leaves open, made here:
@@ -13,29 +13,63 @@ See docs/ARCHITECTURE.md for the interface. Choices the design leaves open, made
   so the finished store is byte-identical to an uninterrupted build.
 - A `--latents-from` store records the latents store's path relative to itself; readers check
   its dataset fingerprint, row count, shard size and resolution before using it.
+- Source keys that are not valid UTF-8 (file names os.listdir returns with surrogate escapes)
+  are stored with each undecodable byte written as \\xNN (`manifest.escape_key`); the dataset
+  fingerprint is the sha256 of the escaped keys.
+
+Format version 2 (written since the read-time checksums): every byte a reader hands out is
+covered by a checksum it checks on read. zarr: a crc32c after every row (zarr's `crc32c` codec,
+which zarr-python and tensorstore check too), the shard index's crc32c, a crc32c on the
+labels/keys chunks. webdataset: a `<key>.crc32c.json` member per sample with the crc32c of every
+other member. Completion records carry the id of the build that wrote them (`build`), so a lost
+manifest can be rebuilt from them (`repair_store`, `StoreWriter.open`). A file the manifest lists
+is never read as fill values. Version 1 stores keep opening and are checked as far as their
+format allows (zarr shard indexes, tar headers); `describe_store(...)["read_checks"]` and
+`irepa-cache inspect` say which checks a store gets. Damage is a one-line `DamagedData` naming
+the store, array or member, row and file; readers and the trainer's loader take
+`on_damage="skip"` to leave damaged samples out and report them instead.
+
+A build holds `<store>/build.lock` (`StoreLock`): a second build on the same store fails at
+once naming the first; a lock left by a dead process is taken over with a message.
 """
 
-from .errors import StoreError
+from .backends import BACKENDS, Backend, get_backend, group_members, split_member_name
+from .errors import DamagedData, StoreError, one_line
 from .layout import StoreLayout, dequantize_int8, quantize_int8
-from .manifest import FORMAT_VERSION, dataset_fingerprint, read_manifest
+from .lock import StoreLock
+from .manifest import FORMAT_VERSION, READ_VERSIONS, dataset_fingerprint, escape_key, read_manifest
 from .reader import StoreReader, open_store
-from .report import VerifyReport, describe_store, format_description, verify_store
+from .repair import repair_store
+from .report import VerifyReport, array_bytes, describe_store, find_strays, format_description, verify_store
 from .writer import StoreWriter, reopen_shards
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
+    "array_bytes",
+    "DamagedData",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "StoreError",
     "StoreLayout",
+    "StoreLock",
     "StoreReader",
     "StoreWriter",
     "VerifyReport",
     "dataset_fingerprint",
     "dequantize_int8",
     "describe_store",
+    "escape_key",
+    "find_strays",
     "format_description",
+    "get_backend",
+    "group_members",
+    "one_line",
     "open_store",
     "quantize_int8",
     "read_manifest",
     "reopen_shards",
+    "repair_store",
+    "split_member_name",
     "verify_store",
 ]

@@ -1,7 +1,12 @@
-"""Manifest (format version 1): schema checks, fingerprints and crash-safe file writes.
+"""Manifest (format versions 1 and 2): schema checks, fingerprints and crash-safe file writes.
 
 The manifest is plain JSON with no timestamps, so a build that is interrupted and resumed ends
-with exactly the bytes of one that was not.
+with exactly the bytes of one that was not. Fields this version does not know (added by a later
+version, or free-form entries such as an encoder's `preprocess`) are kept, never refused.
+
+Format version 2 (this version writes it) differs from 1 only in the shard bytes: zarr rows and
+labels/keys chunks carry crc32c checksums, webdataset samples a `<key>.crc32c.json` member
+(see `backends/`), and completion records a `build` id. Version 1 stores are read as before.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 from .errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PROGRESS_DIR = "_progress"
 PARTIAL_SUFFIX = ".partial"
@@ -27,9 +33,31 @@ FEATURE_DTYPES = ("float16", "int8")
 LATENT_DTYPES = ("float32", "float16")
 
 
+def escape_key(key: str) -> str:
+    r"""A source key as valid UTF-8 text, the form stores keep (keys array, manifest, fingerprint).
+
+    A key that is valid text is returned unchanged, so every dataset whose file names are UTF-8
+    keeps its keys and fingerprint. A key holding surrogate escapes (what os.listdir returns for
+    a file name whose bytes are not UTF-8: Latin-1 b"caf\xe9.png" becomes 'caf\udce9.png') gets
+    each such byte written as the four characters \xNN ('caf\\xe9.png' in Python, caf\xe9.png on
+    screen), Python's "backslashreplace"; any other lone surrogate is written as \uNNNN. The
+    escape cannot be told apart from a name that holds a literal backslash-x sequence; such a
+    collision is refused as a duplicate key by the source.
+    """
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        pass
+    try:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def dataset_fingerprint(keys: Iterable[str]) -> str:
-    """sha256 of the ordered source keys joined by newlines (hex)."""
-    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+    """sha256 (hex) of the ordered source keys, each as `escape_key` writes it, joined by newlines."""
+    return hashlib.sha256("\n".join(escape_key(k) for k in keys).encode("utf-8")).hexdigest()
 
 
 def package_version() -> str:
@@ -162,14 +190,15 @@ def _is_int(x: Any) -> bool:
 
 
 def validate_manifest(m: Any, store: Path) -> dict:
-    """Check a manifest against format version 1; raise StoreError naming the bad field."""
+    """Check a manifest against format versions 1 and 2; raise StoreError naming the bad field.
+    Fields it does not know are kept."""
     _check(isinstance(m, dict), store, "must hold a JSON object")
     _check("format_version" in m, store, "has no 'format_version'; this is not an irepa store")
     fv = m["format_version"]
     _check(
-        fv == FORMAT_VERSION,
+        _is_int(fv) and fv in READ_VERSIONS,
         store,
-        f"has format_version {fv!r}; this irepa reads format version {FORMAT_VERSION} only",
+        f"has format_version {fv!r}; this irepa reads format versions {' and '.join(map(str, READ_VERSIONS))}",
     )
     required = [
         "format", "state", "package_version", "num_rows", "num_samples", "shard_size",
@@ -237,8 +266,16 @@ def read_manifest(store: str | os.PathLike) -> dict:
     if not p.exists():
         if not store.exists():
             raise StoreError(f"store {store}: directory does not exist")
-        raise StoreError(f"store {store}: no {MANIFEST_NAME}; not an irepa store (or its build never started)")
-    return validate_manifest(read_json(p, f"store {store}"), store)
+        hint = (f"; its shard completion records are there: rerun the build command (with --repair) to rebuild "
+                f"it" if (store / PROGRESS_DIR).is_dir() else "; not an irepa store (or its build never started)")
+        raise StoreError(f"store {store}: no {MANIFEST_NAME}{hint}")
+    try:
+        return validate_manifest(read_json(p, f"store {store}"), store)
+    except StoreError as e:
+        if (store / PROGRESS_DIR).is_dir() and "format_version" not in str(e):
+            raise StoreError(f"{e}; `irepa-cache build ... --repair` (the same build command) rebuilds it from the "
+                             "shard completion records") from None
+        raise
 
 
 def read_shard_records(store: Path, num_shards: int) -> dict[int, dict]:

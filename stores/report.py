@@ -1,16 +1,19 @@
-"""verify_store (checksums) and describe_store (what is inside) for `irepa-cache verify/inspect`."""
+"""verify_store (checksums, stray files) and describe_store (what is inside) for `irepa-cache verify/inspect`."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends import get_backend
 from .errors import StoreError
-from .manifest import read_manifest, read_shard_records, sha256_file
+from .lock import LOCK_NAME
+from .manifest import MANIFEST_NAME, PARTIAL_SUFFIX, PROGRESS_DIR, read_manifest, read_shard_records, sha256_file
 
 
 @dataclass
@@ -25,10 +28,11 @@ class VerifyReport:
     bad_shards: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # shard -> [(file, problem)]
     bad_meta: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)  # files the manifest does not list (relative paths)
 
     @property
     def ok(self) -> bool:
-        return not (self.bad_shards or self.bad_meta or self.problems)
+        return not (self.bad_shards or self.bad_meta or self.problems or self.stray)
 
     def format(self) -> str:
         lines = []
@@ -42,6 +46,8 @@ class VerifyReport:
                 lines.append(f"  bad shard {s}: {f}: {why}")
         for f, why in self.bad_meta:
             lines.append(f"  bad metadata file {f}: {why}")
+        for f in self.stray:
+            lines.append(f"  stray file {f}: not listed in the manifest (irepa-cache build --repair removes it)")
         lines.append(f"  checked {self.shards_checked} of {self.num_shards} shards, {self.files_checked} files")
         return "\n".join(lines)
 
@@ -96,7 +102,44 @@ def verify_store(path: str | os.PathLike, workers: int | None = None) -> VerifyR
     meta = m.get("meta_files") or {}
     rep.bad_meta = _check_files(root, meta, workers)
     rep.files_checked += len(meta)
+    rep.stray = find_strays(root, m)
     return rep
+
+
+def find_strays(root: Path, m: dict) -> list[str]:
+    """Files under a store that its manifest does not list: not the manifest, the build lock, a
+    completion record, a metadata file or a listed shard file (while a build is unfinished, also
+    not a file a pending shard may have, nor a temporary)."""
+    backend = get_backend(m["format"])
+    ns = m["num_shards"]
+    complete = m["state"] == "complete"
+    if complete:
+        listed = {rel for s in m["shards"] for rel in s["files"]}
+    else:
+        listed = {rel for r in read_shard_records(root, ns).values() for rel in r["files"]}
+    listed |= set(m.get("meta_files") or {})
+    out = []
+    record = re.compile(re.escape(PROGRESS_DIR) + r"/shard-(\d{6,})\.json")
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            rel = (Path(dirpath) / f).relative_to(root).as_posix()
+            if rel in listed or rel in (MANIFEST_NAME, LOCK_NAME):
+                continue
+            r = record.fullmatch(rel)
+            if r and int(r.group(1)) < ns:
+                continue
+            if not complete and (rel.endswith(PARTIAL_SUFFIX) or backend.shard_of_file(rel, m["arrays"], ns) is not None):
+                continue
+            out.append(rel)
+    return sorted(out)
+
+
+def array_bytes(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk of each array of a store, from its backend (zarr: the array's chunk files;
+    webdataset: its tar members with their headers; "checksums" and "other" where they apply)."""
+    root = Path(path)
+    m = read_manifest(root)
+    return get_backend(m["format"]).array_bytes(root, m)
 
 
 def _human(n: float) -> str:
@@ -126,7 +169,7 @@ def describe_store(path: str | os.PathLike) -> dict:
             size = p.stat().st_size
             total += size
             rel = p.relative_to(root).as_posix()
-            if m["format"] == "zarr" and "/c/" in rel:
+            if "/c/" in rel:  # a zarr chunk file
                 by_part[rel.split("/c/")[0]] += size
             elif rel.endswith(".tar"):
                 by_part["shards (tar)"] += size
@@ -164,6 +207,7 @@ def describe_store(path: str | os.PathLike) -> dict:
         "encoders": {n: e if e.get("preprocess") else {**e, "preprocess": {"profile": "native"}}
                      for n, e in m["encoders"].items()},
         "build_args": m["build_args"],
+        "read_checks": get_backend(m["format"]).read_checks(int(m["format_version"])),
     }
 
 
@@ -183,6 +227,9 @@ def format_description(d: dict, max_skipped: int = 10) -> str:
         add(f"    {k:<{width}}  {str(tuple(a['shape'])):<24} {a['dtype']}")
     if d["latents_from"]:
         add(f"    {'latents':<{width}}  read from {d['latents_from']['path']} (not stored here)")
+    add(f"  read-time checks (format v{d['format_version']}):")
+    for c in d.get("read_checks") or []:
+        add(f"    - {c}")
     per = f", {_human(d['bytes_per_sample'])} per sample" if d["bytes_per_sample"] else ""
     add(f"  on disk: {_human(d['bytes_total'])}{per}")
     for k, v in d["bytes_by_array"].items():

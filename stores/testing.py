@@ -32,7 +32,7 @@ def synthetic_arrays(layout: StoreLayout, rows: range, seed: int = 0) -> dict[st
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def make_synthetic_store(
+def _synthetic(
     path: str | os.PathLike,
     num_samples: int = 16,
     encoders: dict[str, int] | None = None,
@@ -49,14 +49,9 @@ def make_synthetic_store(
     with_cls: bool = False,
     skipped_rows: Iterable[int] = (),
     latent_dtype: str = "float32",
-) -> Path:
-    """Write a complete store of random data and return its path.
-
-    `encoders` maps name -> feature dim D; every encoder has the token grid `grid` (T = h*w).
-    Latents are [2*latent_channels, *latent_hw] with latent_hw = 2*grid by default (SiT's patch
-    size 2 turns them into the same token grid). `skipped_rows` are recorded as skipped inputs
-    (so len(store) = num_samples - len(skipped_rows)). Labels are row % num_classes.
-    """
+    resume: bool = False,
+) -> list[int]:
+    """Write (resume=False: from scratch) or resume a synthetic store; the shards written."""
     encoders = {"tiny": 32} if encoders is None else dict(encoders)
     gh, gw = (int(v) for v in grid)
     lhw = (2 * gh, 2 * gw) if latent_hw is None else tuple(int(v) for v in latent_hw)
@@ -84,10 +79,35 @@ def make_synthetic_store(
         "build_args": {"synthetic": True, "seed": seed},
     }
     skipped = set(int(r) for r in skipped_rows)
-    w = StoreWriter.open(path, format, layout, keys, labels, info, resume=False, overwrite=True)
-    for s in w.pending_shards():
+    w = StoreWriter.open(path, format, layout, keys, labels, info, resume=resume, overwrite=not resume)
+    written = w.pending_shards()
+    for s in written:
         rows = w.shard_rows(s)
         arrays = synthetic_arrays(layout, rows, seed)
         w.write_shard(s, arrays, [(r, "synthetic skip") for r in rows if r in skipped])
     w.finalize()
+    return written
+
+
+def synthetic_build(path: str | os.PathLike, format: str = "zarr", **kw) -> list[int]:
+    """Run (or resume) the build of `make_synthetic_store(path, format=format, **kw)` the way a
+    rerun of a build command does; return the shards it had to write."""
+    return _synthetic(path, format=format, resume=True, **kw)
+
+
+def make_synthetic_store(path: str | os.PathLike, num_samples: int = 16, encoders: dict[str, int] | None = None,
+                         grid: tuple[int, int] = (4, 4), latent_channels: int = 4, format: str = "zarr",
+                         shard_size: int = 8, flip: bool = False, feature_dtype: str = "float16", seed: int = 0,
+                         num_classes: int = 4, **kw) -> Path:
+    """Write a complete store of random data and return its path.
+
+    `encoders` maps name -> feature dim D; every encoder has the token grid `grid` (T = h*w).
+    Latents are [2*latent_channels, *latent_hw] with latent_hw = 2*grid by default (SiT's patch
+    size 2 turns them into the same token grid). `skipped_rows` are recorded as skipped inputs
+    (so len(store) = num_samples - len(skipped_rows)). Labels are row % num_classes. Keyword-only
+    extras: latent_hw, with_cls, skipped_rows, latent_dtype.
+    """
+    _synthetic(path, num_samples=num_samples, encoders=encoders, grid=grid, latent_channels=latent_channels,
+               format=format, shard_size=shard_size, flip=flip, feature_dtype=feature_dtype, seed=seed,
+               num_classes=num_classes, resume=False, **kw)
     return Path(path)

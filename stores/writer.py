@@ -7,7 +7,14 @@ the same build. Each `write_shard` writes one shard's files, fsyncs them, then a
 aggregates the records into the manifest and sets state "complete".
 
 Several processes (torchrun ranks) may write disjoint shards of one store. Let rank 0 call
-`open` first and the others after a barrier; only rank 0 calls `finalize`, after all are done.
+`open` first and the others after a barrier (with lock=False: they share rank 0's lock); only
+rank 0 calls `finalize`, after all are done.
+
+`open` takes the store's build lock (`lock.StoreLock`, held until `finalize` or process exit),
+so a second build on the same directory fails at once naming the first. When the directory
+holds completion records but no manifest (deleted, or removed by `repair_store` because it was
+truncated or invalid), `open` rebuilds the manifest from the records of this build (each record
+carries the build's id) after checking their files (see `repair.recover_manifest`).
 """
 
 from __future__ import annotations
@@ -19,22 +26,42 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import wds_backend, zarr_backend
+from .backends import get_backend
 from .errors import StoreError
 from .layout import StoreLayout, quantize_int8, token_grid_for, wds_member_names
+from .lock import LOCK_NAME, StoreLock
 from .manifest import (
     FORMAT_VERSION, FORMATS, MANIFEST_NAME, PARTIAL_SUFFIX, PROGRESS_DIR, atomic_write_json,
-    dataset_fingerprint, fsync_dir, package_version, read_json, read_manifest, read_shard_records,
-    sha256_file, shard_range, shard_record_name, validate_manifest,
+    dataset_fingerprint, escape_key, fsync_dir, package_version, read_json, read_manifest,
+    read_shard_records, sha256_file, shard_range, shard_record_name, validate_manifest,
 )
 
 INFO_KEYS = ("dataset", "image", "vae", "encoders", "build_args", "latents_from")
+# manifest fields the writer computes; any other info field is kept in the manifest as given
+_COMPUTED = ("format_version", "format", "state", "package_version", "num_rows", "num_samples", "shard_size",
+             "num_shards", "latent_shape", "latent_dtype", "latent_stats", "arrays", "flip", "shards", "skipped",
+             "meta_files")
 # Fields a resumed build may differ in without changing what the shards hold; the stored values win.
 _RESUME_IGNORED = {"state", "num_samples", "latent_stats", "shards", "skipped", "build_args",
                    "package_version", "meta_files"}
 # where the data lives may change between a crash and the rerun (a remount, a copy to local disk);
 # what it is, is pinned by the dataset fingerprint
 _RESUME_IGNORED_PATHS = ("dataset.source", "dataset.root", "dataset.shards", "dataset.list_file")
+
+
+def build_id(manifest: dict) -> str:
+    """sha256 of what a build is: the manifest without the fields a resumed build may differ in
+    (`_RESUME_IGNORED`, `_RESUME_IGNORED_PATHS`). Completion records carry it, so records of
+    another build are never taken for this one's."""
+    m = {k: v for k, v in manifest.items() if k not in _RESUME_IGNORED}
+    ds = dict(m.get("dataset") or {})
+    for p in _RESUME_IGNORED_PATHS:
+        ds.pop(p.split(".", 1)[1], None)
+    m["dataset"] = ds
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(m, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
 def labels_fingerprint(labels: np.ndarray) -> str:
@@ -98,7 +125,7 @@ def _jsonable(x: Any) -> Any:
 
 def _allowed_entry(name: str) -> bool:
     return (
-        name in (MANIFEST_NAME, PROGRESS_DIR, "zarr.json", "labels", "keys", "latents", "features",
+        name in (MANIFEST_NAME, PROGRESS_DIR, LOCK_NAME, "zarr.json", "labels", "keys", "latents", "features",
                  "feature_scales", "cls", "flip")
         or name.endswith(PARTIAL_SUFFIX)
         or (name.startswith("shard-") and name.endswith(".tar"))
@@ -109,31 +136,40 @@ class StoreWriter:
     """Writes one store; see the module docstring for the protocol."""
 
     def __init__(self, path: Path, manifest: dict, layout: StoreLayout, keys: list[str],
-                 labels: np.ndarray):
+                 labels: np.ndarray, lock: StoreLock | None = None):
         self.path = path
         self.manifest = manifest
         self.layout = layout
         self.format = manifest["format"]
+        self.backend = get_backend(self.format)
+        self.format_version = int(manifest["format_version"])
+        self.build = build_id(manifest)
         self.keys = keys
         self.labels = labels
         self.members = {n: e["member"] for n, e in manifest["encoders"].items()}
+        self.lock = lock
 
     # ------------------------------------------------------------------ open
 
     @classmethod
     def open(cls, path: str | os.PathLike, format: str, layout: StoreLayout, keys: Sequence[str],
              labels: Sequence[int] | np.ndarray, info: dict | None = None, resume: bool = True,
-             overwrite: bool = False) -> "StoreWriter":
+             overwrite: bool = False, lock: bool = True) -> "StoreWriter":
         """Create the store at `path`, or resume the build already there.
 
         resume=False refuses an existing store unless overwrite=True, which deletes it first.
         On resume the existing manifest must describe the same build (dataset fingerprint, layout,
-        provenance); otherwise StoreError names every field that differs.
+        provenance); otherwise StoreError names every field that differs. A store written in an
+        older format version is resumed in that version. Keys that are not valid UTF-8 text are
+        kept as `manifest.escape_key` writes them.
+
+        lock: take the store's build lock (see `lock.StoreLock`); torchrun ranks other than 0
+        pass False and share rank 0's.
         """
         path = Path(path)
         if format not in FORMATS:
             raise StoreError(f"store {path}: format must be one of {FORMATS}, got {format!r}")
-        keys = [str(k) for k in keys]
+        keys = [escape_key(str(k)) for k in keys]
         labels_arr = np.asarray(labels)
         if len(keys) != layout.num_rows or len(labels_arr) != layout.num_rows:
             raise StoreError(
@@ -147,10 +183,23 @@ class StoreWriter:
         if bad:
             raise StoreError(f"store {path}: source key {bad[0]!r} contains a newline")
         expected = cls._building_manifest(path, format, layout, keys, labels_arr, info or {})
+        held = StoreLock.acquire(path) if lock else None
+        try:
+            return cls._open_locked(path, format, layout, keys, labels_arr, info or {}, expected, resume,
+                                    overwrite, held)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
 
+    @classmethod
+    def _open_locked(cls, path: Path, format: str, layout: StoreLayout, keys: list[str], labels_arr: np.ndarray,
+                     info: dict, expected: dict, resume: bool, overwrite: bool,
+                     held: StoreLock | None) -> "StoreWriter":
+        backend = get_backend(format)
         mpath = path / MANIFEST_NAME
         if mpath.exists() and overwrite:
-            shutil.rmtree(path)
+            _clear_dir(path)
         elif mpath.exists():
             if not resume:
                 raise StoreError(
@@ -158,6 +207,9 @@ class StoreWriter:
                     "--noresume to finish it, or delete the folder to start over"
                 )
             existing = read_manifest(path)
+            version = int(existing["format_version"])
+            if version != expected["format_version"]:  # an older store: resume it in its own format
+                expected = cls._building_manifest(path, format, layout, keys, labels_arr, info, version)
             diffs = [d for d in _diff(existing, expected) if d.split(".")[0] not in _RESUME_IGNORED
                      and not d.startswith(_RESUME_IGNORED_PATHS)]
             if diffs:
@@ -169,10 +221,9 @@ class StoreWriter:
                     f"differing fields:\n" + "\n".join(lines) + more
                     + "\nUse another output directory or overwrite=True to start again."
                 )
-            if format == "zarr":  # idempotent: only fills in arrays that are somehow absent
-                zarr_backend.create_arrays(path, layout)
+            backend.create(path, layout, version)  # idempotent: only fills in what is somehow absent
             (path / PROGRESS_DIR).mkdir(exist_ok=True)
-            return cls(path, existing, layout, keys, labels_arr)
+            return cls(path, existing, layout, keys, labels_arr, held)
 
         if path.exists():
             foreign = sorted(n for n in os.listdir(path) if not _allowed_entry(n))
@@ -182,19 +233,23 @@ class StoreWriter:
                     f"({', '.join(foreign[:5])}); refusing to write a store into it"
                 )
         path.mkdir(parents=True, exist_ok=True)
-        if format == "zarr":
-            meta = zarr_backend.create_arrays(path, layout)
-            expected["meta_files"] = {rel: sha256_file(path / rel) for rel in meta}
+        from .repair import recover_manifest, sync_meta
+
+        meta = sync_meta(path, backend, layout, int(expected["format_version"]))
+        expected["meta_files"] = {rel: sha256_file(path / rel) for rel in meta}
         (path / PROGRESS_DIR).mkdir(exist_ok=True)
+        if any((path / PROGRESS_DIR).glob("shard-*.json")):  # a store whose manifest is gone
+            recover_manifest(path, backend, layout, expected, build_id(expected))
         atomic_write_json(mpath, expected)
-        return cls(path, read_manifest(path), layout, keys, labels_arr)
+        return cls(path, read_manifest(path), layout, keys, labels_arr, held)
 
     @staticmethod
     def _building_manifest(path: Path, format: str, layout: StoreLayout, keys: list[str],
-                           labels: np.ndarray, info: dict) -> dict:
-        unknown = sorted(set(info) - set(INFO_KEYS))
-        if unknown:
-            raise StoreError(f"store {path}: unknown info field(s) {unknown}; allowed: {list(INFO_KEYS)}")
+                           labels: np.ndarray, info: dict, format_version: int = FORMAT_VERSION) -> dict:
+        clash = sorted(set(info) & set(_COMPUTED))
+        if clash:
+            raise StoreError(f"store {path}: info field(s) {clash} are computed by the writer; pass "
+                             f"{list(INFO_KEYS)} and any new field of your own")
         info = _jsonable(info)
         fp = dataset_fingerprint(keys)
         dataset = dict(info.get("dataset") or {})
@@ -279,8 +334,9 @@ class StoreWriter:
             latents_from = None
 
         arrays = {n: {"shape": list(s), "dtype": dt} for n, (s, dt) in layout.array_specs().items()}
+        extra = {k: v for k, v in info.items() if k not in INFO_KEYS}  # free-form fields of later versions
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version,
             "format": format,
             "state": "building",
             "package_version": package_version(),
@@ -302,6 +358,7 @@ class StoreWriter:
             "skipped": [],
             "build_args": info.get("build_args") or {},
             "meta_files": {},
+            **extra,
         }
 
     # ------------------------------------------------------------------ shards
@@ -406,10 +463,8 @@ class StoreWriter:
 
         rec_path = self.path / shard_record_name(shard)
         rec_path.unlink(missing_ok=True)  # a rewrite is incomplete until its new record lands
-        if self.format == "zarr":
-            files = zarr_backend.write_shard(self.path, self.layout, shard, rows, data)
-        else:
-            files = wds_backend.write_shard(self.path, shard, rows, data, valid, self.members)
+        files = self.backend.write_shard(self.path, self.layout, shard, rows, data, valid, self.members,
+                                         self.format_version)
         record = {
             "id": shard,
             "rows": [rows.start, rows.stop],
@@ -417,6 +472,8 @@ class StoreWriter:
             "skipped": [{"row": r, "key": self.keys[r], "reason": skip[r]} for r in sorted(skip)],
             "latent_sums": sums,
         }
+        if self.format_version >= 2:
+            record["build"] = self.build
         atomic_write_json(rec_path, record)
         return record
 
@@ -478,7 +535,25 @@ class StoreWriter:
         validate_manifest(m, self.path)
         atomic_write_json(self.path / MANIFEST_NAME, m)
         self.manifest = m
+        self.release()
         return m
+
+    def release(self) -> None:
+        """Give up the store's build lock (finalize does; a writer that stops early may)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _clear_dir(path: Path) -> None:
+    """Delete everything in `path` but its lock file (overwrite=True keeps holding the lock)."""
+    for entry in os.scandir(path):
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def reopen_shards(path: str | os.PathLike, shards: Iterable[int]) -> None:

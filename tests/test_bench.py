@@ -52,9 +52,10 @@ def test_storage_smoke(capsys):
     zarr = [r for r in res["records"] if r["format"] == "zarr"]
     assert len(zarr) == 4 and {r["format"] for r in res["records"]} == {"zarr", "wds"}
     for r in zarr:
-        # each feature array adds zarr's 16-byte shard-index entry per sample, nothing else
+        # each feature array adds zarr's 16-byte shard-index entry and (format 2) a 4-byte crc32c
+        # per sample, nothing else
         n_arrays = (2 if r["dtype"] == "int8" else 1) * (2 if r["flip"] else 1)
-        assert r["feat_per_sample"] == r["arithmetic"]["features"] + 16 * n_arrays
+        assert r["feat_per_sample"] == r["arithmetic"]["features"] + (16 + 4) * n_arrays
         assert r["per_sample"] >= r["arithmetic"]["total"]
     by = {(r["flip"], r["dtype"]): r for r in zarr}
     for flip in (False, True):

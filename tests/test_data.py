@@ -14,7 +14,7 @@ from irepa.trainer.data import (IndexOrder, LatentNorm, LoaderSpec, StoreLoader,
 
 def _loader(store, spec, steps, state=None, workers=0, **kw):
     r = open_store(store)
-    kind = "index" if r.format == "zarr" else "stream"
+    kind = r.loader_kind
     return StoreLoader(store, kind=kind, num_samples=len(r), spec=spec, encoders=r.encoders, steps=steps,
                        state=state, num_workers=workers,
                        shard_counts=r.shard_sample_counts() if kind == "stream" else None, **kw)

@@ -17,7 +17,7 @@ from irepa.stores import (
     StoreError, StoreLayout, StoreWriter, dataset_fingerprint, describe_store, format_description,
     open_store, quantize_int8, verify_store,
 )
-from irepa.stores import wds_backend
+from irepa.stores.backends import wds as wds_backend
 from irepa.stores.layout import dequantize_int8
 from irepa.stores.testing import make_synthetic_store, synthetic_arrays
 
@@ -178,7 +178,7 @@ def test_plain_zarr_and_plain_tarfile_can_read(tmp_path):
 def test_shard_files_are_the_bytes_zarr_itself_writes(tmp_path):
     import zarr
 
-    from irepa.stores.zarr_backend import chunk_file, create_arrays
+    from irepa.stores.backends.zarr import chunk_file, create_arrays
 
     layout = _layout(feature_dtype="int8", with_cls=True, flip=True)
     _build(tmp_path / "s", "zarr", layout, skipped={2, 17})
@@ -409,9 +409,10 @@ def test_truncated_or_corrupt_tar_names_shard_file_and_member(tmp_path, how):
     if how == "lazy":  # the payload is not read: the header parse is what catches it
         return
     bad = bytearray(good)
-    bad[feat.offset_data + 200] ^= 0xFF  # a payload byte: only verify_store's checksums can see that
+    bad[feat.offset_data + 200] ^= 0xFF  # a payload byte: format 2's per-member crc32c names it on read
     p.write_bytes(bytes(bad))
-    _read_all(r, 1, how)
+    with pytest.raises(StoreError, match=f"{f}.*member '000000010.feat.tiny.npy'.*crc32c mismatch"):
+        _read_all(r, 1, how)
     assert not verify_store(tmp_path / "w").ok
 
 
@@ -494,9 +495,9 @@ def test_missing_manifest_and_unknown_version_are_refused(tmp_path):
         open_store(tmp_path / "empty")
     root = make_synthetic_store(tmp_path / "s", num_samples=4, shard_size=2)
     m = json.loads((root / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = 3  # a newer format than this irepa knows (2 is current, 1 still read)
     (root / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(StoreError, match="format_version 2; this irepa reads format version 1"):
+    with pytest.raises(StoreError, match="format_version 3; this irepa reads format versions 1 and 2"):
         open_store(root)
     del m["format_version"]
     (root / "manifest.json").write_text(json.dumps(m))
@@ -676,7 +677,7 @@ def test_manifest_contents_and_describe(tmp_path):
     _build(root, "zarr", _layout(with_cls=True), skipped={5})
     keys, _ = _keys_labels(19)
     m = json.loads((root / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["state"] == "complete" and m["num_samples"] == 18
+    assert m["format_version"] == 2 and m["state"] == "complete" and m["num_samples"] == 18
     assert m["dataset"]["fingerprint"] == hashlib.sha256("\n".join(keys).encode()).hexdigest()
     assert m["skipped"] == [{"row": 5, "key": keys[5], "reason": "bad file 5"}]
     assert [s["rows"] for s in m["shards"]] == [[0, 8], [8, 16], [16, 19]]

@@ -215,7 +215,9 @@ def test_unfinished_and_corrupt_stores_are_refused(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    run(cfg(cache=str(good), steps=1, out=str(tmp_path / "ok")))  # without --verify the run starts
+    with pytest.raises(StoreError, match="crc32c") as e:  # without --verify the first read of it stops the run
+        run(cfg(cache=str(good), steps=1, out=str(tmp_path / "ok")))
+    assert str(chunk) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(StoreError, match="verif") as e:
         run(cfg(cache=str(good), steps=1, verify=True, out=str(tmp_path / "v")))
     assert str(good) in str(e.value) and "bad shard 0" in str(e.value)

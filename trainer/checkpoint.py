@@ -21,6 +21,7 @@ import torch
 
 FORMAT = "irepa-train-checkpoint-v1"
 _CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
+_TMP_RE = re.compile(r"^\.(\d{7,})\.pt\.tmp-(\d+)$")  # what atomic_torch_save writes before its rename
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -50,6 +51,39 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     """The newest checkpoint of a run folder, or None."""
     found = list_checkpoints(out)
     return found[-1][1] if found else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary checkpoint files (``.NNNNNNN.pt.tmp-PID``) a killed run left in
+    ``out/checkpoints``; return what was removed. A resumed run calls it before training.
+
+    Files of a process that is still running on this host (another run writing into the same
+    folder) are left alone; the temporaries of this process are removed (none is being written
+    while a run resumes)."""
+    d = checkpoint_dir(out)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in sorted(d.iterdir()):
+        m = _TMP_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -20,6 +20,13 @@ samples as an unbroken one:
 
 Flip stores: the view of sample ``i`` in epoch ``e`` is a fixed random bit of ``(seed, e, i)``.
 
+Damaged data: the store's reader checks every byte it hands out (format 2 stores: a crc32c per
+row or member) and stops with a one-line ``DamagedData``. With ``on_damage="skip"`` the loader
+leaves damaged samples out of their micro-batch instead (the batch is that much smaller) and
+lists their one-line messages in the batch's ``"damaged"`` (always present, usually empty), for
+the trainer to count and log. The positions a checkpoint keeps stay those of the unbroken run as
+long as the damage does not change.
+
 Latents arrive as the cached posterior ``[2C, h, w]`` (mean, std); :func:`sample_posterior` draws
 ``z = mean + std * noise`` on the device and :class:`LatentNorm` scales it (``sd``: REPA's
 ``(z - shift) * scaling_factor``; ``stats``: per-channel ``(z - mean_c) / std_c`` from the
@@ -164,11 +171,14 @@ def _select_features(features: dict, encoders: Sequence[str]) -> dict:
 
 class _LazyStore:
     """A store opened lazily, once per process: DataLoader workers get a copy without the open
-    reader (``__getstate__``) and reopen the store themselves. Needs ``path``, ``_opener``, ``_reader``."""
+    reader (``__getstate__``) and reopen the store themselves. Needs ``path``, ``_opener``, ``_reader``
+    (and ``on_damage``, ``read_checks`` for the default opener)."""
 
     path: Path
     _opener: Callable[[Path], Any] | None
     _reader: Any
+    on_damage: str = "raise"
+    read_checks: bool = True
 
     def reader(self):
         if self._reader is None:
@@ -176,8 +186,16 @@ class _LazyStore:
                 self._reader = self._opener(self.path)
             else:
                 from irepa.stores import open_store
-                self._reader = open_store(self.path)
+                self._reader = open_store(self.path, on_damage=self.on_damage, read_checks=self.read_checks)
         return self._reader
+
+    def _drain_damage(self) -> list[str]:
+        """Messages of the samples the reader left out since the last batch (skip mode)."""
+        r = self.reader()
+        msgs = list(getattr(r, "damaged", ()))
+        if msgs:
+            r.damaged.clear()
+        return msgs
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -190,10 +208,11 @@ class StoreBatches(_LazyStore, Dataset):
     with one ``get_batch`` call (inside a DataLoader worker). The store opens lazily per process."""
 
     def __init__(self, path: str | Path, order: IndexOrder, encoders: Sequence[str], length: int,
-                 opener: Callable[[Path], Any] | None = None):
+                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True):
         self.path, self.order, self.encoders, self.length = Path(path), order, list(encoders), int(length)
         self._opener = opener
         self._reader = None
+        self.on_damage, self.read_checks = on_damage, read_checks
 
     def __len__(self) -> int:
         return self.length
@@ -204,11 +223,13 @@ class StoreBatches(_LazyStore, Dataset):
         # between worker processes and no CPU upcast; the alignment loss promotes on the device
         b = self.reader().get_batch(idx, flip=flip, encoders=self.encoders, with_keys=False,
                                     features_dtype=np.float16)
+        self._drain_damage()  # get_batch lists this batch's damage in b["damaged"]
         return {
             "index": torch.as_tensor(np.asarray(b["index"], dtype=np.int64)),
             "label": torch.as_tensor(np.asarray(b["label"], dtype=np.int64)),
             "latents": torch.as_tensor(np.asarray(b["latents"], dtype=np.float32)),
             "features": {e: torch.as_tensor(v) for e, v in _select_features(b["features"], self.encoders).items()},
+            "damaged": list(b.get("damaged", [])),
         }
 
 
@@ -234,29 +255,46 @@ def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) ->
 
 
 def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
-                    features_dtype: Any = np.float16) -> dict:
+                    features_dtype: Any = np.float16, on_damage: str = "raise") -> dict:
     """Stack per-sample dicts from ``iter_shard`` into a batch, picking each sample's view.
 
     Arrays may be numpy arrays or the lazy members of ``iter_shard(..., lazy=True)``, which are
     read straight into the batch (one read per member, no intermediate copy, and only the view
-    the batch uses). Features become ``features_dtype`` (float16, like the zarr batches: the
-    stored dtype of an fp16 store, half the bytes between processes; the alignment loss
-    promotes on the device); latents float32."""
+    the batch uses) after their checksum is checked. Features become ``features_dtype``
+    (float16, like the zarr batches: the stored dtype of an fp16 store, half the bytes between
+    processes; the alignment loss promotes on the device); latents float32. A member that fails
+    its checksum raises DamagedData, or (on_damage="skip") leaves its sample out of the batch and
+    its message in ``"damaged"``."""
+    from irepa.stores.errors import DamagedData
+
     n = len(samples)
     views = ["_flip" if flip and bool(s.get("_flip", False)) else "" for s in samples]
     first = samples[0]
     lat = np.empty((n, *first["latents" + views[0]].shape), np.float32)
     feats = {e: np.empty((n, *first["features" + views[0]][e].shape), features_dtype) for e in encoders}
+    keep = np.ones(n, dtype=bool)
+    damaged: list[str] = []
     for i, (s, v) in enumerate(zip(samples, views)):
-        _put(lat, i, s["latents" + v], s, "latents" + v)
-        f = s["features" + v]
-        for e in encoders:
-            _put(feats[e], i, f[e], s, f"features{v}[{e!r}]")
+        try:
+            _put(lat, i, s["latents" + v], s, "latents" + v)
+            f = s["features" + v]
+            for e in encoders:
+                _put(feats[e], i, f[e], s, f"features{v}[{e!r}]")
+        except DamagedData as err:
+            if on_damage != "skip":
+                raise
+            keep[i] = False
+            damaged.append(str(err))
+    if not keep.all():
+        samples = [s for s, k in zip(samples, keep) if k]
+        lat = lat[keep]
+        feats = {e: v[keep] for e, v in feats.items()}
     return {
         "index": torch.as_tensor(np.asarray([int(s["index"]) for s in samples], dtype=np.int64)),
         "label": torch.as_tensor(np.asarray([int(s["label"]) for s in samples], dtype=np.int64)),
         "latents": torch.from_numpy(lat),
         "features": {e: torch.from_numpy(v) for e, v in feats.items()},
+        "damaged": damaged,
     }
 
 
@@ -289,8 +327,9 @@ class WdsStreams(_LazyStore, IterableDataset):
 
     def __init__(self, path: str | Path, spec: LoaderSpec, encoders: Sequence[str], num_streams: int,
                  shard_counts: Sequence[int], consumed: Sequence[int], rotation: int,
-                 opener: Callable[[Path], Any] | None = None):
+                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True):
         self.path, self.spec, self.encoders = Path(path), spec, list(encoders)
+        self.on_damage, self.read_checks = on_damage, read_checks
         self.num_streams = int(num_streams)
         self.shard_counts = [int(c) for c in shard_counts]
         self.consumed = [int(c) for c in consumed]
@@ -353,7 +392,9 @@ class WdsStreams(_LazyStore, IterableDataset):
         it = self.samples(stream, self.consumed[stream])
         while True:
             chunk = [next(it) for _ in range(self.spec.micro)]
-            yield collate_samples(chunk, self.encoders, self.spec.flip)
+            b = collate_samples(chunk, self.encoders, self.spec.flip, on_damage=self.on_damage)
+            b["damaged"] = self._drain_damage() + b["damaged"]
+            yield b
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -377,15 +418,20 @@ class StoreLoader:
 
     ``state``: what :meth:`state_after` returned in an earlier run (None: start of the run).
     ``steps``: how many optimizer steps this loader will serve (``grad_accum`` micro-batches each).
-    Batches are dicts ``{index, label, latents [b, 2C, h, w], features {enc: [b, T, D]}}``.
+    Batches are dicts ``{index, label, latents [b, 2C, h, w], features {enc: [b, T, D]}, damaged}``.
+    ``kind`` is the store's ``reader.loader_kind``. ``on_damage``: "raise" (default) or "skip"
+    (see the module docstring); ``read_checks=False`` turns the reader's checksums off (benchmarks).
     """
 
     def __init__(self, path: str | Path, *, kind: str, num_samples: int, spec: LoaderSpec,
                  encoders: Sequence[str], steps: int, state: dict | None = None, num_workers: int = 0,
                  shard_counts: Sequence[int] | None = None, pin_memory: bool = False,
-                 opener: Callable[[Path], Any] | None = None, prefetch_factor: int = 2):
+                 opener: Callable[[Path], Any] | None = None, prefetch_factor: int = 2,
+                 on_damage: str = "raise", read_checks: bool = True):
         if kind not in ("index", "stream"):
             raise ValueError(f"unknown loader kind {kind!r}")
+        if on_damage not in ("raise", "skip"):
+            raise ValueError(f"on_damage must be 'raise' or 'skip', got {on_damage!r}")
         self.path, self.kind, self.spec = Path(path), kind, spec
         self.num_samples = int(num_samples)
         self.encoders = list(encoders)
@@ -402,7 +448,8 @@ class StoreLoader:
                 warnings.warn(f"store {path} now holds {self.num_samples} samples, the checkpoint saw "
                               f"{state['num_samples']}: the sample order differs from the unbroken run")
             self.order = IndexOrder(self.num_samples, spec, self.start)
-            self.dataset = StoreBatches(path, self.order, encoders, self.steps * spec.grad_accum, opener)
+            self.dataset = StoreBatches(path, self.order, encoders, self.steps * spec.grad_accum, opener,
+                                        on_damage, read_checks)
         else:
             counts = list(shard_counts or [])
             per_rank = len(counts) // spec.world_size
@@ -425,7 +472,7 @@ class StoreLoader:
             self.consumed = [int(c) for c in state.get("consumed", [0] * streams)]
             self.delivered = int(state.get("delivered", 0))
             self.dataset = WdsStreams(path, spec, encoders, streams, counts, self.consumed,
-                                      self.delivered % streams, opener)
+                                      self.delivered % streams, opener, on_damage, read_checks)
         self._iter: Iterator[dict] | None = None
 
     def _make_iter(self) -> Iterator[dict]:

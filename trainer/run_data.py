@@ -26,7 +26,7 @@ class CacheSource:
     def __init__(self, reader: Any, encoders: list[str], spec: LoaderSpec, steps: int, state: dict | None,
                  num_workers: int, device: torch.device):
         self.reader = reader
-        kind = "index" if reader.format == "zarr" else "stream"
+        kind = reader.loader_kind
         counts = reader.shard_sample_counts() if kind == "stream" else None
         self.loader = StoreLoader(reader.path, kind=kind, num_samples=len(reader), spec=spec, encoders=encoders,
                                   steps=steps, state=state, num_workers=num_workers, shard_counts=counts,

@@ -14,25 +14,41 @@ payloads become `np.frombuffer` views after `numpy.lib.format` parses their head
 Eager, it reads each sample with one read; lazy, it reads only headers and returns `NpyRef`s that
 the loader reads straight into its batch (and the kernel is asked to read ahead of the pass).
 `iter_tar` (plain `tarfile`) is the reference it is tested against; `iter_urls` streams anything
-webdataset opens (`pipe:`, http...).
+webdataset's `gopen` opens (`pipe:`, http...). All three group members into samples with the one
+grouper `members.group_members`.
+
+Checksums (format version 2): each sample has one more member, `<key>.crc32c.json`, holding the
+crc32c (8 hex digits) of every other member's bytes, e.g. `{"cls": "1c291ca3", ...}`. It travels
+inside the shard, so a `pipe:` or http stream needs no second file, and plain tar/webdataset
+readers just see one more small member (1 KiB per sample with its header). `check_sample` checks
+it before the reader hands out a sample (eager reads, `pipe:` streams, random access); lazy
+members (`NpyRef`) carry their expected crc32c and check it when their payload is read, before
+the loader puts it in a batch. Format version 1 shards have no such member; only their tar
+header checksums are checked.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import tarfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from numpy.lib import format as fmt
 
-from .errors import StoreError
-from .layout import dequantize_int8
-from .manifest import PARTIAL_SUFFIX, atomic_open, sha256_file
+from ..errors import DamagedData, StoreError
+from ..layout import StoreLayout, dequantize_int8
+from ..manifest import FORMAT_VERSION, PARTIAL_SUFFIX, atomic_open, sha256_file
+from .base import Backend
+from .members import group_members, member_key
+
+CRC_SUFFIX = "crc32c.json"
 
 KEY_WIDTH = 9
 
@@ -88,21 +104,35 @@ def clean_shard(root: Path, shard: int) -> None:
     f.unlink(missing_ok=True)
 
 
+def _crc32c(b: Any) -> int:
+    import google_crc32c  # a zarr dependency
+
+    return google_crc32c.value(b)
+
+
+def crc_member(members: dict[str, bytes]) -> bytes:
+    """The `<key>.crc32c.json` bytes of a sample's members ({suffix: bytes}): sorted, compact."""
+    sums = {suffix: f"{_crc32c(b):08x}" for suffix, b in sorted(members.items())}
+    return json.dumps(sums, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
 def write_shard(root: Path, shard: int, rows: range, data: dict[str, np.ndarray],
-                valid: np.ndarray, members: dict[str, str]) -> dict[str, str]:
-    """Write the shard's valid rows as one tar (temp name, fsync, rename); return {name: sha256}."""
+                valid: np.ndarray, members: dict[str, str], format_version: int = FORMAT_VERSION) -> dict[str, str]:
+    """Write the shard's valid rows as one tar (temp name, fsync, rename); return {name: sha256}.
+
+    format_version >= 2 adds each sample's `<key>.crc32c.json` member."""
     clean_shard(root, shard)
     final = root / shard_name(shard)
     tmp = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     suffixes = {name: member_suffix(name, members) for name in data}
-    order = sorted(data, key=lambda n: suffixes[n])
     with atomic_open(final, tmp=tmp) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for i, row in enumerate(rows):
                 if not valid[i]:
                     continue
                 key = sample_key(row)
-                for name in order:
+                sample: dict[str, bytes] = {}
+                for name in data:
                     v = data[name][i]
                     if name == "labels":
                         b = str(int(v)).encode("ascii")
@@ -110,32 +140,59 @@ def write_shard(root: Path, shard: int, rows: range, data: dict[str, np.ndarray]
                         b = str(v).encode("utf-8")
                     else:
                         b = _npy_bytes(v)
-                    tar.addfile(_tarinfo(f"{key}.{suffixes[name]}", len(b)), io.BytesIO(b))
+                    sample[suffixes[name]] = b
+                if format_version >= 2:
+                    sample[CRC_SUFFIX] = crc_member(sample)
+                for suffix in sorted(sample):
+                    b = sample[suffix]
+                    tar.addfile(_tarinfo(f"{key}.{suffix}", len(b)), io.BytesIO(b))
     return {final.name: sha256_file(final)}
 
 
-def _group(entries: Iterable[tuple[str, bytes]], where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group (member name, bytes) into (key, {suffix: bytes}) in archive order."""
-    cur_key, cur = None, {}
-    for name, data in entries:
-        key, dot, suffix = name.partition(".")
-        if not dot:
-            raise StoreError(f"{where}: member {name!r} has no '<key>.<suffix>' form")
-        if key != cur_key:
-            if cur_key is not None:
-                yield cur_key, cur
-            cur_key, cur = key, {}
-        if suffix in cur:
-            raise StoreError(f"{where}: duplicate member {name!r}")
-        cur[suffix] = data
-    if cur_key is not None:
-        yield cur_key, cur
+def _row_of(key: str) -> str:
+    return f" (row {int(key)})" if key.isdigit() else ""
+
+
+def sample_sums(key: str, raw: dict[str, Any], where: str) -> dict[str, int]:
+    """The crc32c of every member of a sample, from its `<key>.crc32c.json`, after checking that it
+    covers exactly the sample's other members. Raises DamagedData naming the member and row."""
+    at = f"{where} sample {key}{_row_of(key)}"
+    sums_raw = raw.get(CRC_SUFFIX)
+    if sums_raw is None:
+        raise DamagedData(f"{at}: member '{key}.{CRC_SUFFIX}' (the sample's checksums) is missing")
+    try:
+        sums = {str(k): int(v, 16) for k, v in json.loads(bytes(sums_raw).decode("ascii")).items()}
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise DamagedData(f"{at}: member '{key}.{CRC_SUFFIX}' is unreadable ({e}): the file is damaged") from None
+    names = set(raw) - {CRC_SUFFIX}
+    missing = sorted(set(sums) - names)
+    if missing:
+        raise DamagedData(f"{at}: member '{key}.{missing[0]}' is missing")
+    extra = sorted(names - set(sums))
+    if extra:
+        raise DamagedData(f"{at}: member '{key}.{extra[0]}' is not covered by the sample's checksums "
+                          f"('{key}.{CRC_SUFFIX}'): the file is damaged or was edited")
+    return sums
+
+
+def check_members(key: str, raw: dict[str, Any], sums: dict[str, int], where: str) -> None:
+    """Check the crc32c of every member given as bytes or a uint8 array (`NpyRef`s check their own
+    when read: give them `ref.expect(sums[suffix])`). Raises DamagedData naming member and row."""
+    for suffix in sorted(raw):
+        v = raw[suffix]
+        if suffix == CRC_SUFFIX or isinstance(v, LazyArray):
+            continue
+        have = _crc32c(v if isinstance(v, (bytes, np.ndarray)) else bytes(v))
+        want = sums[suffix]
+        if have != want:
+            raise DamagedData(f"{where} sample {key}{_row_of(key)}: member '{key}.{suffix}': crc32c mismatch "
+                              f"(stored {want:08x}, computed {have:08x}): the file is damaged")
 
 
 def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of a local shard, read sequentially with tarfile (the reference reader)."""
     if not path.exists():
-        raise StoreError(f"shard file {path} is missing")
+        raise DamagedData(f"shard file {path} is missing")
 
     def entries():
         try:
@@ -146,9 +203,9 @@ def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     f = tar.extractfile(ti)
                     yield ti.name, f.read() if f is not None else b""
         except tarfile.TarError as e:
-            raise StoreError(f"shard file {path} is not a readable tar ({e})") from e
+            raise DamagedData(f"shard file {path} is not a readable tar ({e})") from e
 
-    return _group(entries(), str(path))
+    return group_members(entries(), f"shard file {path}")
 
 
 # ----------------------------------------------------------------------------- fast local reads
@@ -169,7 +226,7 @@ def _pread(fd: int, off: int, n: int, path: Path) -> np.ndarray:
     while got < n:
         k = os.preadv(fd, [view[got:]], off + got)
         if k <= 0:
-            raise StoreError(f"shard file {path}: could not read bytes [{off}, {off + n}) (file shrank while reading?)")
+            raise DamagedData(f"shard file {path}: could not read bytes [{off}, {off + n}) (file shrank while reading?)")
         got += k
     return buf
 
@@ -256,10 +313,10 @@ def _pax_records(data: bytes, where: str) -> dict[str, str]:
         try:
             length = int(data[pos:sp])
         except ValueError:
-            raise StoreError(f"{where}: malformed pax header record at byte {pos}") from None
+            raise DamagedData(f"{where}: malformed pax header record at byte {pos}") from None
         rec = data[sp + 1:pos + length]
         if length <= 0 or not rec.endswith(b"\n") or b"=" not in rec:
-            raise StoreError(f"{where}: malformed pax header record at byte {pos}")
+            raise DamagedData(f"{where}: malformed pax header record at byte {pos}")
         k, _, v = rec[:-1].partition(b"=")
         out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
         pos += length
@@ -280,29 +337,29 @@ def _tar_entries(win: _Window, ahead: int = 0) -> Iterator[tuple[str, int, int, 
     last = "the start of the archive"
     while True:
         if off + BLOCK > win.size:
-            raise StoreError(f"shard file {path}: ends at byte {win.size}, inside or right after member {last}, "
+            raise DamagedData(f"shard file {path}: ends at byte {win.size}, inside or right after member {last}, "
                              "without the tar end-of-archive block (truncated?)")
         v = win.get(off, BLOCK, ahead)
         h = bytes(v)
         if h == _ZERO_BLOCK:
             if start is not None:
-                raise StoreError(f"shard file {path}: extended header at byte {start} is followed by the end "
+                raise DamagedData(f"shard file {path}: extended header at byte {start} is followed by the end "
                                  "of the archive")
             return
         if not _checksum_ok(v, h):
-            raise StoreError(f"shard file {path}: bad tar header checksum at byte {off} (after member {last}); "
+            raise DamagedData(f"shard file {path}: bad tar header checksum at byte {off} (after member {last}); "
                              "the file is corrupt")
         typ = h[156:157]
         try:
             size = _nti(h[124:136])
         except ValueError:
-            raise StoreError(f"shard file {path}: unreadable size field in the tar header at byte {off}") from None
+            raise DamagedData(f"shard file {path}: unreadable size field in the tar header at byte {off}") from None
         if start is None:
             start = off
         data = off + BLOCK
         if typ in (b"x", b"g", b"L", b"K"):  # metadata for the next header
             if data + size > win.size:
-                raise StoreError(f"shard file {path}: extended header at byte {off} runs past the end of the file "
+                raise DamagedData(f"shard file {path}: extended header at byte {off} runs past the end of the file "
                                  "(truncated?)")
             payload = bytes(win.get(data, size, ahead))
             if typ == b"x":
@@ -323,14 +380,14 @@ def _tar_entries(win: _Window, ahead: int = 0) -> Iterator[tuple[str, int, int, 
             if any(k.startswith("GNU.sparse") for k in pax):
                 typ = b"S"
         if typ == b"S":
-            raise StoreError(f"shard file {path}: member {name!r} is a sparse file, which irepa shards never hold")
+            raise DamagedData(f"shard file {path}: member {name!r} is a sparse file, which irepa shards never hold")
         if typ == b"\0" and name.endswith("/"):
             typ = b"5"
         if typ in _NO_DATA:
             off = data
         else:
             if data + size > win.size:
-                raise StoreError(f"shard file {path}: member {name!r} needs bytes [{data}, {data + size}) but the "
+                raise DamagedData(f"shard file {path}: member {name!r} needs bytes [{data}, {data + size}) but the "
                                  f"file has {win.size} bytes (truncated?)")
             if typ in _REGULAR:
                 yield name, start, data, size
@@ -386,11 +443,11 @@ def _shard_fd(path: Path, ident: tuple[int, int]) -> int:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise StoreError(f"shard file {path} disappeared after it was indexed") from None
+            raise DamagedData(f"shard file {path} disappeared after it was indexed") from None
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != ident:
             os.close(fd)
-            raise StoreError(f"shard file {path} was replaced after it was indexed; restart the reader")
+            raise DamagedData(f"shard file {path} was replaced after it was indexed; restart the reader")
         if len(_FDS) >= _FDS_MAX:
             os.close(_FDS.pop(next(iter(_FDS))))
         _FDS[key] = fd
@@ -409,6 +466,8 @@ class NpyRef(LazyArray):
     fortran: bool
     member: str
     as_dtype: np.dtype | None = None  # what read() returns (default: the stored dtype)
+    head_crc: int = 0                 # crc32c of the member's .npy header bytes
+    crc: int | None = None            # expected crc32c of the whole member (None: not checked)
 
     @property
     def dtype(self) -> np.dtype:
@@ -416,7 +475,14 @@ class NpyRef(LazyArray):
 
     @property
     def where(self) -> str:
-        return f"shard file {self.path} member {self.member!r}"
+        return f"shard file {self.path} member {self.member!r}{_row_of(self.member.split('.', 1)[0])}"
+
+    def expect(self, crc: int) -> "NpyRef":
+        """This reference, checking that the member's bytes have crc32c `crc` when read."""
+        ref = object.__new__(NpyRef)  # dataclasses.replace costs ~30 us, a copy of the fields ~1 us
+        ref.__dict__.update(self.__dict__)
+        ref.__dict__["crc"] = crc
+        return ref
 
     def _raw(self, out: np.ndarray) -> None:
         flat = out.reshape(-1).view(np.uint8)
@@ -425,8 +491,15 @@ class NpyRef(LazyArray):
         while got < n:
             k = os.preadv(fd, [view[got:]], self.offset + got)
             if k <= 0:
-                raise StoreError(f"{self.where}: could not read its {n} bytes at byte {self.offset} (file shrank?)")
+                raise DamagedData(f"{self.where}: could not read its {n} bytes at byte {self.offset} (file shrank?)")
             got += k
+        if self.crc is not None:
+            import google_crc32c
+
+            have = google_crc32c.extend(self.head_crc, flat)
+            if have != self.crc:
+                raise DamagedData(f"{self.where}: crc32c mismatch (stored {self.crc:08x}, computed {have:08x}): "
+                                  "the file is damaged")
 
     def _stored(self) -> np.ndarray:
         a = np.empty(self.shape[::-1] if self.fortran else self.shape, self.stored)
@@ -498,11 +571,12 @@ def _npy_ref(win: _Window, ident: tuple[int, int], name: str, data: int, size: i
         shape, fortran, dtype, need = _npy_header(bytes(win.get(data, hlen, _LAZY_AHEAD)))
         if size - hlen != need:
             raise ValueError(f"payload has {size - hlen} bytes, the header's {dtype} {shape} needs {need}")
+        head_crc = _crc32c(bytes(win.get(data, hlen, _LAZY_AHEAD)))
     except StoreError:
         raise
     except Exception as e:
-        raise StoreError(f"{where}: not a readable .npy member ({e})") from e
-    return NpyRef(win.path, ident, data + hlen, tuple(shape), dtype, bool(fortran), name)
+        raise DamagedData(f"{where}: not a readable .npy member ({e})") from e
+    return NpyRef(win.path, ident, data + hlen, tuple(shape), dtype, bool(fortran), name, head_crc=head_crc)
 
 
 def iter_local(path: Path, lazy: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -512,40 +586,35 @@ def iter_local(path: Path, lazy: bool = False) -> Iterator[tuple[str, dict[str, 
     whose size is the previous sample's span (a shard of same-sized samples: one read each).
     lazy: npy members are `NpyRef`s (headers read and checked, payloads not), other members
     bytes; a cold file is read through to the page cache as the pass goes (see `_Window`), so
-    the payload reads that follow hit the cache.
+    the payload reads that follow hit the cache. Checksums are the reader's (`check_sample`).
     """
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise StoreError(f"shard file {path} is missing") from None
+        raise DamagedData(f"shard file {path} is missing") from None
     try:
         win = _Window(fd, path, read_through=lazy)
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
-        guess = _FIRST_READ
-        key, cur, first = None, {}, 0
-        for name, hdr, data, size in _tar_entries(win, ahead=_LAZY_AHEAD if lazy else _FIRST_READ):
-            k, dot, suffix = name.partition(".")
-            if not dot:
-                raise StoreError(f"shard file {path}: member {name!r} has no '<key>.<suffix>' form")
-            if k != key:
-                if key is not None:
-                    yield key, cur
-                    guess = hdr - first + BLOCK  # this sample's span and the next header
-                key, cur, first = k, {}, hdr
+        at = {"key": None, "first": 0, "guess": _FIRST_READ}
+
+        def entries() -> Iterator[tuple[str, Any]]:
+            for name, hdr, data, size in _tar_entries(win, ahead=_LAZY_AHEAD if lazy else _FIRST_READ):
+                key = member_key(name)
+                if key is not None and key != at["key"]:  # a new sample starts at this header
+                    if at["key"] is not None:
+                        at["guess"] = hdr - at["first"] + BLOCK  # the last sample's span and the next header
+                    at["key"], at["first"] = key, hdr
+                    if not lazy:
+                        win.restart(hdr, at["guess"])
                 if not lazy:
-                    win.restart(hdr, guess)
-            if suffix in cur:
-                raise StoreError(f"shard file {path}: duplicate member {name!r}")
-            if not lazy:
-                cur[suffix] = win.get(data, size, ahead=size + BLOCK)
-                continue
-            if suffix.endswith(".npy"):
-                cur[suffix] = _npy_ref(win, ident, name, data, size)
-            else:
-                cur[suffix] = bytes(win.get(data, size, _LAZY_AHEAD))
-        if key is not None:
-            yield key, cur
+                    yield name, win.get(data, size, ahead=size + BLOCK)
+                elif name.endswith(".npy"):
+                    yield name, _npy_ref(win, ident, name, data, size)
+                else:
+                    yield name, bytes(win.get(data, size, _LAZY_AHEAD))
+
+        yield from group_members(entries(), f"shard file {path}", error=DamagedData)
     finally:
         os.close(fd)
 
@@ -555,18 +624,14 @@ def tar_index(path: Path) -> dict[str, tuple[int, int, list[tuple[str, int, int]
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise StoreError(f"shard file {path} is missing") from None
+        raise DamagedData(f"shard file {path} is missing") from None
     try:
+        entries = ((name, (hdr, data, size)) for name, hdr, data, size in _tar_entries(_Window(fd, path)))
         out: dict[str, tuple[int, int, list[tuple[str, int, int]]]] = {}
-        for name, hdr, data, size in _tar_entries(_Window(fd, path)):
-            k, dot, suffix = name.partition(".")
-            if not dot:
-                raise StoreError(f"shard file {path}: member {name!r} has no '<key>.<suffix>' form")
-            s, _, members = out.get(k, (hdr, 0, []))
-            if any(m[0] == suffix for m in members):
-                raise StoreError(f"shard file {path}: duplicate member {name!r}")
-            members.append((suffix, data, size))
-            out[k] = (s, data + size, members)
+        for key, members in group_members(entries, f"shard file {path}", error=DamagedData):
+            spans = list(members.values())
+            out[key] = (min(h for h, _, _ in spans), max(d + n for _, d, n in spans),
+                        [(suffix, d, n) for suffix, (_, d, n) in members.items()])
         return out
     finally:
         os.close(fd)
@@ -575,7 +640,10 @@ def tar_index(path: Path) -> dict[str, tuple[int, int, list[tuple[str, int, int]
 def read_indexed(path: Path, entry: tuple[int, int, list[tuple[str, int, int]]]) -> dict[str, np.ndarray]:
     """One sample of `tar_index`, read with one `preadv`: {suffix: uint8 view}."""
     start, end, members = entry
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DamagedData(f"shard file {path} is missing") from None
     try:
         buf = _pread(fd, start, end - start, path)
     finally:
@@ -593,12 +661,34 @@ def is_local_url(url: str) -> str | None:
 
 
 def iter_urls(urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of shards given as webdataset URLs (local paths, `pipe:` commands, http...)."""
-    from webdataset.tariterators import tarfile_samples  # imports torch: keep it lazy
+    """Samples of shards given as webdataset URLs (local paths, `pipe:` commands, http...),
+    opened with webdataset's `gopen` and read as a tar stream."""
+    from webdataset.gopen import gopen  # imports torch: keep it lazy
 
-    for s in tarfile_samples([{"url": u} for u in urls]):
-        key = s["__key__"]
-        yield key, {k: v for k, v in s.items() if not k.startswith("__")}
+    for u in urls:
+        where = f"webdataset stream {u}"
+        try:
+            stream = gopen(u, "rb")
+        except Exception as e:
+            raise StoreError(f"{where}: cannot be opened ({type(e).__name__}: {e})") from None
+
+        def entries(stream=stream, where=where) -> Iterator[tuple[str, bytes]]:
+            try:
+                with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    for ti in tar:
+                        if ti.isreg():
+                            f = tar.extractfile(ti)
+                            yield ti.name, f.read() if f is not None else b""
+            except tarfile.TarError as e:
+                raise DamagedData(f"{where} is not a readable tar ({e})") from None
+
+        try:
+            yield from group_members(entries(), where, error=DamagedData)
+        finally:
+            try:
+                stream.close()
+            except Exception as e:  # a `pipe:` command that failed
+                raise StoreError(f"{where}: {type(e).__name__}: {e}") from None
 
 
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}  # a store repeats a few
@@ -646,4 +736,73 @@ def load_npy(b: bytes | np.ndarray | memoryview, where: str) -> np.ndarray:
         a = buf[hlen:].view(dtype) if need else np.empty(0, dtype)
         return a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
     except Exception as e:
-        raise StoreError(f"{where}: not a readable .npy member ({e})") from e
+        raise DamagedData(f"{where}: not a readable .npy member ({e})") from e
+
+
+# ----------------------------------------------------------------------------- the backend
+
+_SHARD_FILE = re.compile(r"shard-(\d{6,})\.tar")
+
+
+@dataclass(frozen=True)
+class WdsShards:
+    """Per-store read state of a webdataset store: where its shards are and whether to check."""
+
+    root: Path
+    checks: bool
+
+
+class WdsBackend(Backend):
+    """The streaming backend: shard iteration (local or `pipe:`), the trainer's stream loader."""
+
+    name = "wds"
+    loader_kind = "stream"
+    random_access = False
+
+    def create(self, root: Path, layout: StoreLayout, format_version: int) -> list[str]:
+        root.mkdir(parents=True, exist_ok=True)
+        return []
+
+    def write_shard(self, root: Path, layout: StoreLayout, shard: int, rows: range, data: dict[str, np.ndarray],
+                    valid: np.ndarray, members: dict[str, str], format_version: int) -> dict[str, str]:
+        return write_shard(root, shard, rows, data, valid, members, format_version)
+
+    def clean_shard(self, root: Path, layout: StoreLayout, shard: int) -> None:
+        clean_shard(root, shard)
+
+    def shard_of_file(self, rel: str, layout_arrays: dict[str, Any], num_shards: int) -> int | None:
+        m = _SHARD_FILE.fullmatch(rel)
+        return int(m.group(1)) if m and int(m.group(1)) < num_shards and shard_name(int(m.group(1))) == rel else None
+
+    def array_bytes(self, root: Path, manifest: dict) -> dict[str, int]:
+        members = {n: e["member"] for n, e in manifest["encoders"].items()}
+        by_suffix = {member_suffix(name, members): name for name in manifest["arrays"]}
+        by_suffix[CRC_SUFFIX] = "checksums"
+        out = {name: 0 for name in manifest["arrays"]}
+        out["checksums"] = out["other"] = 0
+        for s in range(manifest["num_shards"]):
+            p = root / shard_name(s)
+            if not p.is_file():
+                continue
+            total, owned = p.stat().st_size, 0
+            for start, _, entries in tar_index(p).values():
+                prev = start
+                for suffix, data, size in sorted(entries, key=lambda e: e[1]):
+                    cost = data - prev + -(-size // BLOCK) * BLOCK  # its headers and padded data
+                    out[by_suffix.get(suffix, "other")] += cost
+                    owned += cost
+                    prev = data + -(-size // BLOCK) * BLOCK
+            out["other"] += total - owned  # end-of-archive blocks, tar record padding
+        return out
+
+    def read_checks(self, format_version: int) -> list[str]:
+        if format_version >= 2:
+            return ["crc32c of every tar member (each sample's <key>.crc32c.json), checked before a sample is "
+                    "used: eager and lazy local reads, random access and pipe: streams",
+                    "tar header checksums; truncated shards and missing or extra samples are refused"]
+        return ["tar header checksums; truncated shards and missing or extra samples are refused",
+                "format 1 stores have no per-member checksums: payload bytes are checked only by "
+                "`irepa-cache verify` (sha256)"]
+
+    def open_reader(self, root: Path, manifest: dict, listed: set[str], checks: bool) -> WdsShards:
+        return WdsShards(root, checks)
