@@ -206,8 +206,8 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
                     num_classes=1000, latent_norm=latent_norm)
     mf = mf_cls(cfg, mf_cls.Options(mf_preset="b2"), data, align_cfg, dev, amp)
     g = torch.Generator(device="cpu").manual_seed(0)
-    batch_in = {"latents": torch.cat([torch.randn(batch, 4, hw, hw, generator=g), torch.rand(batch, 4, hw, hw, generator=g)],
-                                     1).to(dev),
+    posterior = [torch.randn(batch, 4, hw, hw, generator=g), torch.rand(batch, 4, hw, hw, generator=g)]
+    batch_in = {"latents": torch.cat(posterior, 1).to(dev),
                 "label": torch.randint(0, 1000, (batch,), generator=g).to(dev),
                 "features": [torch.randn(batch, grid * grid, enc_dim, generator=g).to(dev, torch.float16)]}
     runs = {}

@@ -116,7 +116,8 @@ def test_parameter_counts_match_the_paper():
 
 def test_two_time_condition_is_t_plus_h_of_t_minus_r_plus_y():
     m = two_time_model(torch.float32, z_dims=(8,), encoder_depth=1)
-    x, t, r, y = torch.randn(3, 4, 4, 4), torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.1, 0.5, 0.0]), torch.tensor([0, 3, 4])
+    x, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 3, 4])
+    t, r = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.1, 0.5, 0.0])
     u, h = m(x, t, y, r=r)
     c = m.t_embedder(t) + m.h_embedder(t - r) + m.y_embedder.embedding_table(y)
     tokens = m.blocks[0](m.x_embedder(x) + m.pos_embed, c)
@@ -136,7 +137,8 @@ def test_presets_resolve_by_model_and_flags_win():
     assert resolve_options(MeanFlowOptions(), "SiT-XL/2").mf_cfg_t_max == 0.75
     o = resolve_options(MeanFlowOptions(mf_preset="l2", mf_cfg_w=0.5), "SiT-B/2")
     assert (o.mf_preset, o.mf_cfg_w, o.mf_cfg_k) == ("l2", 0.5, 0.92)
-    assert GUIDANCE_PRESETS["b2"].effective_scale == 2.0 and GUIDANCE_PRESETS["l2"].effective_scale == pytest.approx(2.5)
+    assert GUIDANCE_PRESETS["b2"].effective_scale == 2.0
+    assert GUIDANCE_PRESETS["l2"].effective_scale == pytest.approx(2.5)
     for bad, msg in [(dict(mf_preset="b3"), "--mf-preset 'b3'"), (dict(mf_ratio=1.5), "--mf-ratio"),
                      (dict(mf_time_dist="beta"), "--mf-time-dist"), (dict(mf_adaptive_c=0.0), "--mf-adaptive-c"),
                      (dict(mf_cfg_t_min=0.9, mf_cfg_t_max=0.1), "--mf-cfg-t-min")]:
@@ -150,8 +152,8 @@ def test_draws_follow_the_release():
     obj = make_objective(align="none")
     B = 20000
     d = obj.draw(B, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert {k: tuple(v.shape) for k, v in d.items()} == {"post": (B, 4, 4, 4), "t": (B,), "r": (B,), "eps": (B, 4, 4, 4),
-                                                         "drop": (B,)}
+    assert {k: tuple(v.shape) for k, v in d.items()} == {
+        "post": (B, 4, 4, 4), "t": (B,), "r": (B,), "eps": (B, 4, 4, 4), "drop": (B,)}
     assert bool((d["r"] <= d["t"]).all()) and bool(((d["t"] > 0) & (d["t"] < 1)).all())
     eq = d["r"] == d["t"]
     assert int(eq.sum()) == int(B * 0.75)  # an exact fraction, as the release's first-rows mask
@@ -440,7 +442,10 @@ def test_sampler_steps_and_test_time_cfg():
     one = meanflow_sample(m, z, y)
     assert m.training  # mode restored
     m.eval()
-    u = lambda x, t, r, yy: m(x, torch.full((3,), t, dtype=x.dtype), yy, r=torch.full((3,), r, dtype=x.dtype))[0]  # noqa: E731
+
+    def u(x, t, r, yy):
+        return m(x, torch.full((3,), t, dtype=x.dtype), yy, r=torch.full((3,), r, dtype=x.dtype))[0]
+
     with torch.no_grad():
         torch.testing.assert_close(one, z - u(z, 1.0, 0.0, y))  # z0 = z1 - u(z1, r=0, t=1)
         mid = z - 0.5 * u(z, 1.0, 0.5, y)
@@ -500,6 +505,23 @@ def test_compile_runs_the_jvp_eagerly_and_matches_eager():
     eager = phase.module(b, d, {})
     compiled = torch.compile(phase.module, backend="aot_eager")(b, d, {})
     torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_jvp_and_step():
+    """The bf16 path (CUDA's autocast, here on CPU): the JVP's tangents follow the bf16 primals and
+    du/dt stays close to float32's; a full step runs and back-propagates."""
+    m = two_time_model(torch.float32, attn="sdpa")
+    opts = resolved()
+    fp32, bf16 = MeanFlowLoss(m, opts), MeanFlowLoss(m, opts, amp_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    z, vg = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    t, r, y = torch.tensor([0.9, 0.6, 0.4, 0.8]), torch.tensor([0.1, 0.6, 0.3, 0.0]), torch.tensor([0, 1, 4, 3])
+    ref, low = fp32.du_dt(z, t, r, vg, y), bf16.du_dt(z, t, r, vg, y)
+    assert low.dtype == torch.float32
+    assert ((low - ref).norm() / ref.norm()).item() < 0.05
+    res = bf16.compute(z, y, t, r, vg, torch.tensor([False, True, False, False]))
+    res["loss"].backward()
+    assert math.isfinite(res["loss"].item()) and all(p.grad is not None for p in m.parameters())
 
 
 def test_math_attention_context_restores_backends():

@@ -108,16 +108,17 @@ class MeanFlowOptions:
         "training-time guidance recipe: auto (by --model: S/B -> b2, L -> l2, XL -> xl2), b2 (w 1.0, k 0.5, "
         "t in [0, 1]), l2 (w 0.2, k 0.92, t in [0, 0.8]), xl2 (w 0.2, k 0.92, t in [0, 0.75]), unguided; "
         "--mf-cfg-* override single fields")})
-    mf_cfg_w: float | None = field(default=None, metadata={"help": "guidance w (omega): weight of the "
-                                                                   "conditional velocity v (default: the preset's)"})
-    mf_cfg_k: float | None = field(default=None, metadata={"help": "guidance k (kappa): weight of the model's own "
-                                                                   "conditional u(z, t, t | c) (default: the preset's)"})
+    mf_cfg_w: float | None = field(default=None, metadata={
+        "help": "guidance w (omega): weight of the conditional velocity v (default: the preset's)"})
+    mf_cfg_k: float | None = field(default=None, metadata={
+        "help": "guidance k (kappa): weight of the model's own conditional u(z, t, t | c) (default: the preset's)"})
     mf_cfg_t_min: float | None = field(default=None, metadata={"help": "guidance applies for t >= this "
                                                                        "(default: the preset's)"})
     mf_cfg_t_max: float | None = field(default=None, metadata={"help": "guidance applies for t <= this "
                                                                        "(default: the preset's)"})
-    mf_ratio: float = field(default=0.75, metadata={"help": "fraction of each batch with r = t (the release's "
-                                                            "data_proportion; the paper's 'ratio of r != t' is 1 - this)"})
+    mf_ratio: float = field(default=0.75, metadata={
+        "help": "fraction of each batch with r = t (the release's data_proportion; the paper's 'ratio of r != t' "
+                "is 1 - this)"})
     mf_time_dist: str = field(default="logit_normal", metadata={"help": "t and r distribution: logit_normal "
                                                                         "(sigmoid(N(mu, sigma))) or uniform"})
     mf_time_mu: float = field(default=-0.4, metadata={"help": "logit-normal mean of t and r"})
@@ -341,7 +342,10 @@ def meanflow_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor,
             t, r = ts[i], ts[i + 1]
             guided = cfg_scale != 1.0 and (guidance_interval is None
                                            or guidance_interval[0] <= t <= guidance_interval[1])
-            xin, yin = (torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, null)])) if guided else (x, labels)
+            if guided:
+                xin, yin = torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, null)])
+            else:
+                xin, yin = x, labels
             tt = torch.full((xin.shape[0],), t, device=dev, dtype=dtype)
             rr = torch.full((xin.shape[0],), r, device=dev, dtype=dtype)
             out = model(xin.to(dtype), tt, yin, r=rr)
@@ -374,6 +378,8 @@ class MeanFlow(Objective):
     Options: ClassVar[type | None] = MeanFlowOptions
     #: ``--compile`` works: the JVP runs eagerly (excluded with ``torch.compiler.disable``)
     supports_compile: ClassVar[bool] = True
+    #: keys a flow SiT checkpoint lacks: ``--init-from`` a flow SiT leaves them at their init
+    init_missing_ok: ClassVar[tuple[str, ...]] = ("h_embedder.",)
 
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):
@@ -436,7 +442,8 @@ class MeanFlow(Objective):
             if int(dim) != int(z):
                 problems.append(f"encoder {enc} feature dim {dim} != projector dim {z}")
         if problems:
-            raise StoreMismatchError(f"{where} does not fit the MeanFlow model {config['name']}: " + "; ".join(problems))
+            raise StoreMismatchError(f"{where} does not fit the MeanFlow model {config['name']}: "
+                                     + "; ".join(problems))
 
     def check_compile(self) -> None:
         """Nothing to refuse: ``--compile`` compiles the guidance and gradient passes; the JVP runs
