@@ -144,6 +144,9 @@ def test_presets_resolve_by_model_and_flags_win():
                      (dict(mf_cfg_t_min=0.9, mf_cfg_t_max=0.1), "--mf-cfg-t-min")]:
         with pytest.raises(ValueError, match=msg.replace("-", "[-]")):
             MeanFlowOptions(**bad)
+    with pytest.raises(ValueError, match="needs the null class: --class-dropout > 0"):
+        make_objective(class_dropout=0.0)
+    make_objective(class_dropout=0.0, opts=MeanFlowOptions(mf_preset="unguided"))
     assert "meanflow" in objective_names() and get_objective("meanflow") is MeanFlow
     assert MeanFlow.preset["betas"] == (0.9, 0.95)  # the release's Adam b2
 

@@ -388,6 +388,11 @@ class MeanFlow(Objective):
         if data.latent_shape is None:
             raise ValueError(f"--objective meanflow trains on VAE latents, but {data.store or 'the data'} has none "
                              "(a pixel-only store); build one with a VAE")
+        o = self.opts
+        if float(cfg.class_dropout) <= 0 and (o.mf_cfg_w != 1.0 or o.mf_cfg_k != 0.0):
+            raise ValueError(f"--objective meanflow with guidance (--mf-preset {o.mf_preset}: w {o.mf_cfg_w}, "
+                             f"k {o.mf_cfg_k}) needs the null class: --class-dropout > 0 (the release: 0.1), "
+                             "or --mf-preset unguided")
 
     # ------------------------------------------------------------------ model
 
