@@ -1,10 +1,10 @@
 """Benchmark 1: one training step from the cache vs online encoding vs no alignment.
 
-The step is the trainer's own (``trainer.train``: ``StepDraws``, ``sample_posterior``,
-``LatentNorm``, ``Objective`` with ``AlignmentLoss``, AdamW, grad-norm clip, EMA update), on one
+The step is the trainer's own (the flow objective's draws and ``FlowStep`` phase module with
+``AlignmentLoss``, AdamW, grad-norm clip, EMA update), on one
 model instance, one batch size and one loss, with three input paths:
 
-* ``no-align``  plain SiT: latents from the store, ``Objective`` without alignment (projector
+* ``no-align``  plain SiT: latents from the store, ``FlowStep`` without alignment (projector
   parameters get no gradient), what training without REPA costs;
 * ``cached``    latents and encoder features from a store: one batch read through the trainer's
   loader (``trainer.data.StoreLoader`` over a zarr store written by ``stores``), copied to the
@@ -21,6 +21,10 @@ step runs under bf16 autocast, as ``irepa-train`` does by default.
 
     python -m bench.train_step                 # CPU-sized: SiT-S/2, 128 px, SD-VAE, DINOv2-B, batch 2
     python -m bench.train_step --real          # SiT-B/2 + SiT-XL/2 x DINOv2-B + SigLIP-B, 256 px, batch 64
+
+A second table times ``--objective meanflow`` against flow on the same model, batch and alignment
+(``meanflow_vs_flow``): the whole training step of each (cached input path), and MeanFlow's three
+passes alone (guidance forward, JVP on the math attention, gradient pass).
 """
 
 from __future__ import annotations
@@ -110,13 +114,9 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
                             lambda: _amp(dev, amp), [enc_name]),
         "plain": FlowStep(model, fm, None, 0.0, latent_norm, lambda: _amp(dev, amp), []),
     }
-    shape = (batch, 4, R // 8, R // 8)
 
-    def draw(i: int) -> dict:  # the flow objective's draws for one step
-        g = torch.Generator(device=dev).manual_seed(i)
-        return {"post": torch.randn(shape, generator=g, device=dev), "t": fm.sample_t(batch, dev, g),
-                "eps": torch.randn(shape, generator=g, device=dev),
-                "drop": torch.rand(batch, generator=g, device=dev) < 0.1}
+    def draw(i: int) -> dict:
+        return flow_draws(fm, batch, (4, R // 8, R // 8), dev, i)
 
     host = cached_batch(work, size, batch, enc.dim, enc_name)
     images = sample_images(R, batch)
@@ -180,8 +180,108 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
     del model, ema, opt, objectives, online
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(model=model_name, encoder=enc_name, batch=batch, times={k: v.median for k, v in t.items()},
+    return dict(model=model_name, encoder=enc_name, enc_dim=enc.dim, batch=batch, times={k: v.median for k, v in t.items()},
                 spread={k: v.spread for k, v in t.items()}, peaks=peaks, flops_per_image=flops)
+
+
+def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict, batch: int, dev: torch.device,
+                     args) -> dict:
+    """Step time of ``--objective meanflow`` vs flow on the same model size, batch, alignment and
+    precision (AdamW, clip and EMA included, inputs already on the device), plus MeanFlow's
+    passes alone. Guidance: the release's B recipe (w 1.0, k 0.5: one 2B guidance forward)."""
+    from types import SimpleNamespace
+
+    from irepa.trainer.align import AlignmentLoss, resolve_align
+    from irepa.trainer.data import LatentNorm, sample_posterior
+    from irepa.trainer.loss import FlowMatching
+    from irepa.trainer.models import build_sit
+    from irepa.trainer.objectives import DataSpec, get_objective
+    from irepa.trainer.objectives.flow import FlowStep
+    from irepa.trainer.train import update_ema
+
+    R = size["resolution"]
+    hw, grid = R // 8, R // 16
+    align_cfg = resolve_align(args.align)
+    amp = torch.bfloat16 if (dev.type == "cuda" and args.precision == "bf16") else None
+    latent_norm = LatentNorm("sd", 0.18215, 0.0)
+    mf_cls = get_objective("meanflow")
+    cfg = SimpleNamespace(model=model_name, qk_norm=False, class_dropout=0.1, attn="sdpa", fused_align=True,
+                          **{k: overrides.get(k) for k in ("hidden_size", "depth", "num_heads", "patch_size")})
+    data = DataSpec(latent_shape=(8, hw, hw), encoders=["enc"], feature_dims=[enc_dim], token_grids=[(grid, grid)],
+                    num_classes=1000, latent_norm=latent_norm)
+    mf = mf_cls(cfg, mf_cls.Options(mf_preset="b2"), data, align_cfg, dev, amp)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    posterior = [torch.randn(batch, 4, hw, hw, generator=g), torch.rand(batch, 4, hw, hw, generator=g)]
+    batch_in = {"latents": torch.cat(posterior, 1).to(dev),
+                "label": torch.randint(0, 1000, (batch,), generator=g).to(dev),
+                "features": [torch.randn(batch, grid * grid, enc_dim, generator=g).to(dev, torch.float16)]}
+    runs = {}
+    with torch.device(dev):
+        torch.manual_seed(0)
+        flow_model = build_sit(model_name, input_size=hw, in_channels=4, num_classes=1000,
+                               encoder_depth=align_cfg.encoder_depth, z_dims=[enc_dim], projector=align_cfg.projector,
+                               projector_kernel=align_cfg.kernel, projector_dim=align_cfg.projector_dim, **overrides)
+        torch.manual_seed(0)
+        mf_model = mf.build_model(mf.model_config())
+    fm = FlowMatching("linear", "uniform")
+    flow_obj = FlowStep(flow_model, fm, AlignmentLoss(flow_model.projectors, align_cfg), align_cfg.coeff, latent_norm,
+                        lambda: _amp(dev, amp), ["enc"])
+    phase = mf.phases(mf_model, {})[0]
+    for name, model in (("flow", flow_model), ("meanflow", mf_model)):
+        runs[name] = dict(model=model, ema=copy.deepcopy(model).requires_grad_(False),
+                          opt=torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0))
+    counter = [0]
+
+    def gen() -> torch.Generator:
+        counter[0] += 1
+        return torch.Generator(device=dev).manual_seed(counter[0])
+
+    def finish(name: str, loss: torch.Tensor) -> None:
+        r = runs[name]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
+        r["opt"].step()
+        update_ema(r["ema"], r["model"], 0.9999)
+
+    def flow_step() -> None:
+        runs["flow"]["opt"].zero_grad(set_to_none=True)
+        d = flow_draws(fm, batch, (4, hw, hw), dev, counter[0])
+        counter[0] += 1
+        finish("flow", flow_obj(batch_in, d, {})["loss"])
+
+    def mf_step() -> None:
+        runs["meanflow"]["opt"].zero_grad(set_to_none=True)
+        finish("meanflow", phase.module(batch_in, mf.draw(batch, gen(), dev), {})["loss"])
+
+    # MeanFlow's passes alone, on one fixed draw
+    m = phase.module
+    d0 = mf.draw(batch, gen(), dev)
+    x0 = latent_norm.normalize(sample_posterior(batch_in["latents"], d0["post"]))
+    tb = d0["t"].view(-1, 1, 1, 1)
+    z0, v0 = (1 - tb) * x0 + tb * d0["eps"], d0["eps"] - x0
+    y_in = torch.where(d0["drop"], torch.full_like(batch_in["label"], 1000), batch_in["label"])
+
+    def grad_pass() -> None:
+        mf_model.zero_grad(set_to_none=True)
+        with m._autocast(dev):
+            u, h = mf_model(z0, d0["t"], y_in, force_drop_ids=torch.zeros_like(y_in), r=d0["r"])
+            loss = u.float().square().mean() + m.align(h, batch_in["features"])["loss"].float()
+        loss.backward()
+
+    fns = {"flow step": flow_step, "meanflow step": mf_step,
+           "meanflow: guidance pass": lambda: m.guided_velocity(z0, d0["t"], v0, batch_in["label"], d0["drop"]),
+           "meanflow: JVP (math attention)": lambda: m.du_dt(z0, d0["t"], d0["r"], v0, y_in),
+           "meanflow: gradient pass": grad_pass}
+    t = time_interleaved(fns, dev, args.warmup, args.repeats)
+    peaks = {}
+    if dev.type == "cuda":
+        for k in ("flow step", "meanflow step", "meanflow: JVP (math attention)"):
+            peaks[k] = peak_memory(fns[k], dev)[0]
+    del runs, flow_obj, phase, m
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(model=model_name, batch=batch, times={k: v.median for k, v in t.items()},
+                spread={k: v.spread for k, v in t.items()}, peaks=peaks)
 
 
 def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) -> dict[str, int]:
@@ -222,6 +322,14 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
     return out
 
 
+def flow_draws(fm, batch: int, latent: tuple[int, int, int], dev: torch.device, seed: int) -> dict:
+    """The flow objective's draws of one step (posterior noise, t, eps, label drop), as it makes them."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    shape = (batch, *latent)
+    return {"post": torch.randn(shape, generator=g, device=dev), "t": fm.sample_t(batch, dev, g),
+            "eps": torch.randn(shape, generator=g, device=dev), "drop": torch.rand(batch, generator=g, device=dev) < 0.1}
+
+
 def _amp(dev: torch.device, dtype):
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -248,6 +356,7 @@ def main(argv=None) -> dict:
     vae = make_vae(size["vae"]).eval().to(dev)
     work = Path(tempfile.mkdtemp(prefix="irepa-bench-step-"))
     records, rows, ratios = [], [], []
+    mf_records, mf_rows = [], []
     try:
         for model_name, overrides in models:
             for enc_name in encoders:
@@ -266,8 +375,22 @@ def main(argv=None) -> dict:
                     (f"{tag}: (VAE + encoder)/online", (tm["online: VAE"] + tm["online: encoder"]) / tm["online"],
                      "share of the online step spent encoding"),
                 ]
+        for model_name, overrides in models:
+            enc_dim = next(r["enc_dim"] for r in records if r["model"] == model_name)
+            mr = meanflow_vs_flow(model_name, overrides, enc_dim, size, batch, dev, args)
+            mf_records.append(mr)
+            tm = mr["times"]
+            for k in tm:
+                mf_rows.append([model_name, k, fmt_s(tm[k]), f"{batch / tm[k]:.1f}", f"{mr['spread'][k]:.2f}",
+                                fmt_bytes(mr["peaks"][k]) if k in mr["peaks"] else "n/a"])
+            ratios.append((f"{model_name}: meanflow/flow step time", tm["meanflow step"] / tm["flow step"],
+                           f"same model, batch, align {args.align}; expected 1.5-2.5"))
+            ratios.append((f"{model_name}: meanflow JVP/gradient pass", tm["meanflow: JVP (math attention)"]
+                           / tm["meanflow: gradient pass"], "cost of the target's JVP vs forward+backward"))
         print_table(["model", "encoder", "input path", "step", "img/s", "spread", "peak mem"], rows,
                     title="Train step: cached vs online vs no alignment")
+        print_table(["model", "step / pass", "time", "img/s", "spread", "peak mem"], mf_rows,
+                    title=f"Train step: --objective meanflow vs flow (cached, align {args.align})")
         for r in records:
             f = r["flops_per_image"]
             print(f"FLOPs per image: {r['model']} step {f['step no-align'] / 1e9:.1f} G (no align), "
@@ -278,7 +401,7 @@ def main(argv=None) -> dict:
         print_ratios(ratios)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    payload = dict(bench="train_step", size=size_name, device=str(dev), records=records)
+    payload = dict(bench="train_step", size=size_name, device=str(dev), records=records, meanflow=mf_records)
     write_json(args.json, payload)
     return payload
 

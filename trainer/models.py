@@ -18,6 +18,9 @@ name here (== REPA)                   what it is
 ``final_layer.adaLN_modulation.1``    2 * D modulation
 ``projectors.K.*``                    alignment projector K (see ``trainer.align``):
                                       mlp ``{0,2,4}``, linear / conv ``{weight,bias}``
+``h_embedder.mlp.{0,2}.*``            two-time SiT only (MeanFlow): embedding of t - r,
+                                      named and initialised as the MeanFlow release's
+``r_embedder.mlp.{0,2}.*``            only with ``time_conditions`` naming ``"r"``
 ====================================  =====================================================
 
 iREPA's release wraps each projector in a ``ProjectionLayer`` module, so its keys read
@@ -28,6 +31,13 @@ Conventions (REPA): ``t`` in [0, 1] goes straight into the sinusoidal embedding 
 the model predicts the velocity with ``in_channels`` output channels; ``forward`` returns the
 block-``encoder_depth`` tokens (1-based) for the alignment loss instead of projecting them
 itself, so that :class:`trainer.align.AlignmentLoss` can fuse projection and loss.
+
+Two-time SiT (MeanFlow, ``time_conditions=("t", "t-r")``): the condition is
+``t_embedder(t) + h_embedder(t - r) + y_embedder(y)``, as the official MeanFlow release's DiT
+(``models/models_dit.py``: ``c = t + h + y`` with ``h = t - r``); ``forward`` then takes the
+second time ``r`` (``r <= t``). Every other key is the flow SiT's, so a flow SiT checkpoint
+loads into it with only ``h_embedder.*`` missing. The default ``("t",)`` builds exactly the
+flow SiT (same modules, same initialisation draws, same numerics).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ __all__ = [
     "load_reference_state_dict",
     "get_2d_sincos_pos_embed",
     "timestep_embedding",
+    "check_time_conditions",
 ]
 
 # name -> (hidden_size, depth, num_heads, patch_size); REPA's table (S/B/L/XL x 2/4/8).
@@ -72,12 +83,15 @@ DEFAULT_ENCODER_DEPTH = {"S": 4, "B": 4, "L": 8, "XL": 8}
 # Embeddings
 # --------------------------------------------------------------------------------------
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (fractional) times ``t`` [B] -> [B, dim]: cos half, then sin half."""
+    """Sinusoidal embedding of (fractional) times ``t`` [B] -> [B, dim]: cos half, then sin half.
+
+    Computed in float32 (half-precision times are promoted), or float64 for float64 times (the
+    JVP tests of MeanFlow check derivatives in float64)."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     )
-    args = t[:, None].float() * freqs[None]
+    args = t[:, None].to(torch.promote_types(t.dtype, torch.float32)) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -285,6 +299,26 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------------------
 # SiT
 # --------------------------------------------------------------------------------------
+#: extra time condition -> the embedder module that takes it ("t" is always ``t_embedder``)
+_TIME_EMBEDDERS = {"t-r": "h_embedder", "r": "r_embedder"}
+
+
+def check_time_conditions(conds: Any) -> tuple[str, ...]:
+    """Validate ``time_conditions``: ``"t"`` first, then any of ``"t-r"`` / ``"r"`` once each.
+
+    ``("t",)`` is the flow SiT; ``("t", "t-r")`` the MeanFlow release's two-time SiT.
+    """
+    if isinstance(conds, str):
+        conds = (conds,)
+    conds = tuple(str(c) for c in conds)
+    extra = conds[1:]
+    if (not conds or conds[0] != "t" or len(set(extra)) != len(extra)
+            or any(c not in _TIME_EMBEDDERS for c in extra)):
+        raise ValueError(f"time_conditions must be 't' followed by distinct entries of {sorted(_TIME_EMBEDDERS)} "
+                         f"(flow: ('t',), MeanFlow: ('t', 't-r')); got {conds}")
+    return conds
+
+
 class SiT(nn.Module):
     """SiT velocity model with REPA/iREPA alignment projectors.
 
@@ -312,6 +346,7 @@ class SiT(nn.Module):
         projector_dim: int = 2048,
         qk_norm: bool = False,
         attn: str = "sdpa",
+        time_conditions: tuple[str, ...] | list[str] = ("t",),
     ):
         super().__init__()
         from irepa.trainer.align import build_projector  # local import: align imports nothing from here
@@ -329,6 +364,7 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.z_dims = z_dims
         self.input_size = input_hw
+        self.time_conditions = check_time_conditions(time_conditions)
 
         self.x_embedder = PatchEmbed(input_hw, patch_size, in_channels, hidden_size)
         self.grid_size = self.x_embedder.grid_size
@@ -350,6 +386,10 @@ class SiT(nn.Module):
             ]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # extra time embedders (two-time SiT) come last, so that the flow SiT's modules are
+        # created, and draw their initial values, exactly as without them
+        for cond in self.time_conditions[1:]:
+            setattr(self, _TIME_EMBEDDERS[cond], TimestepEmbedder(hidden_size))
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -368,6 +408,10 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for cond in self.time_conditions[1:]:  # MeanFlow's h embedder: as its t embedder (N(0, 0.02), zero bias)
+            emb = getattr(self, _TIME_EMBEDDERS[cond])
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -390,11 +434,14 @@ class SiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Velocity for latents ``x`` [B, C, H, W] at times ``t`` [B] in [0, 1], labels ``y`` [B].
 
         Labels are dropped to the null class with probability ``class_dropout_prob`` in
         training mode; ``force_drop_ids`` (1 = null) forces it. Returns ``(v, h)``.
+        A two-time SiT (``time_conditions`` beyond ``("t",)``) needs ``r`` [B] and returns the
+        average velocity ``u(x, r, t)`` instead; a flow SiT refuses ``r``.
         """
         if x.shape[1:] != (self.in_channels, *self.input_size):
             raise ValueError(
@@ -406,7 +453,22 @@ class SiT(nn.Module):
             t = t.expand(x.shape[0])
         h_out = None
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        if self.time_conditions == ("t",):
+            if r is not None:
+                raise ValueError("this SiT is conditioned on t only; r is for a two-time SiT "
+                                 "(time_conditions=('t', 't-r'), MeanFlow)")
+            c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        else:
+            if r is None:
+                raise ValueError(f"this SiT is conditioned on {self.time_conditions}: pass the second time r")
+            r = r.reshape(-1)
+            if r.shape[0] == 1 and x.shape[0] > 1:
+                r = r.expand(x.shape[0])
+            times = {"r": r, "t-r": t - r}
+            c = self.t_embedder(t)
+            for cond in self.time_conditions[1:]:
+                c = c + getattr(self, _TIME_EMBEDDERS[cond])(times[cond])
+            c = c + self.y_embedder(y, self.training, force_drop_ids)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, c)
             if i + 1 == self.encoder_depth and len(self.projectors):
@@ -439,13 +501,16 @@ def build_sit(
     qk_norm: bool = False,
     class_dropout_prob: float = 0.1,
     attn: str = "sdpa",
+    time_conditions: tuple[str, ...] | list[str] = ("t",),
     **overrides: Any,
 ) -> SiT:
     """Build ``SiT-{S,B,L,XL}/{2,4,8}`` (``SIT_CONFIGS``).
 
     ``encoder_depth`` defaults to REPA's choice: 4 for S/B, 8 for L/XL, capped at the depth
     when ``overrides`` shrink the model. ``overrides`` may set ``hidden_size``, ``depth``,
-    ``num_heads``, ``patch_size`` or ``mlp_ratio`` (tiny test models).
+    ``num_heads``, ``patch_size`` or ``mlp_ratio`` (tiny test models). ``time_conditions``
+    ``("t", "t-r")`` builds MeanFlow's two-time SiT (see :class:`SiT`); it is recorded in
+    ``build_kwargs`` only when it is not the flow default, so flow configs stay as they were.
     """
     if name not in SIT_CONFIGS:
         raise ValueError(f"unknown SiT model {name!r}; expected one of {sorted(SIT_CONFIGS)}")
@@ -468,6 +533,7 @@ def build_sit(
         qk_norm=qk_norm,
         class_dropout_prob=class_dropout_prob,
         attn=attn,
+        time_conditions=time_conditions,
         **cfg,
     )
     model.build_kwargs = dict(  # everything needed to rebuild this model (checkpoints)
@@ -476,6 +542,8 @@ def build_sit(
         projector_kernel=projector_kernel, projector_dim=projector_dim, qk_norm=qk_norm,
         class_dropout_prob=class_dropout_prob, attn=attn, **overrides,
     )
+    if model.time_conditions != ("t",):
+        model.build_kwargs["time_conditions"] = list(model.time_conditions)
     return model
 
 
@@ -490,6 +558,7 @@ def sit_param_count(
     projector_dim: int = 2048,
     class_dropout_prob: float = 0.1,
     qk_norm: bool = False,
+    time_conditions: tuple[str, ...] | list[str] = ("t",),
     **overrides: Any,
 ) -> int:
     """Trainable parameter count by formula (no allocation), for checking the real sizes."""
@@ -498,7 +567,7 @@ def sit_param_count(
     mlp_hidden = int(D * cfg.get("mlp_ratio", 4.0))
     C = in_channels
     n = C * p * p * D + D  # patch embed
-    n += 256 * D + D + D * D + D  # t embedder
+    n += len(check_time_conditions(time_conditions)) * (256 * D + D + D * D + D)  # t (and h / r) embedders
     n += (num_classes + int(class_dropout_prob > 0)) * D  # y table
     per_block = (D * 3 * D + 3 * D) + (D * D + D) + (D * mlp_hidden + mlp_hidden) + (mlp_hidden * D + D)
     per_block += D * 6 * D + 6 * D

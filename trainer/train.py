@@ -112,7 +112,9 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     objective = objective_cls(cfg, opts, data.spec, align, d.device, amp)
     model_config = objective.model_config()
     init_sd = load_foreign_checkpoint(cfg.init_from) if (cfg.init_from and ckpt is None) else None
-    args_json, identity = train_to_json(cfg, opts), data.identity()
+    args_json, identity = train_to_json(cfg, objective.opts), data.identity()  # options as the objective resolved them
+    if cfg.compile:
+        objective.check_compile()
     if ckpt is not None:
         diff = _config_diff(ckpt["model_config"], model_config)
         if diff:

@@ -14,7 +14,8 @@ from .base import DataSpec, Objective, Phase
 __all__ = ["DataSpec", "Objective", "Phase", "register", "get_objective", "objective_names"]
 
 #: built-in objectives: name -> module that registers it
-BUILTIN = {"flow": "irepa.trainer.objectives.flow", "jit": "irepa.trainer.objectives.jit"}
+BUILTIN = {"flow": "irepa.trainer.objectives.flow", "meanflow": "irepa.trainer.objectives.meanflow",
+           "jit": "irepa.trainer.objectives.jit"}
 _REGISTRY: dict[str, type[Objective]] = {}
 
 

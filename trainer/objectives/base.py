@@ -156,6 +156,9 @@ class Objective:
         res = model.load_state_dict(state, strict=not partial)
         return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
 
+    def check_compile(self) -> None:
+        """Raise (one line, before any work) when ``--compile`` cannot work with this objective."""
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """Modules trained beside the model (checkpointed by name; no EMA). Default: none."""
         return {}

@@ -1,0 +1,528 @@
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling") as an objective.
+
+The network predicts the *average* velocity ``u(z, r, t)`` over ``[r, t]`` (a two-time SiT:
+:func:`irepa.trainer.models.build_sit` with ``time_conditions=("t", "t-r")``), trained with the
+MeanFlow identity ``u = v - (t - r) du/dt``, on the same cached latents and REPA interpolant
+(t = 0 data, t = 1 noise) as ``flow``. The recipe follows the official JAX release
+(``Gsunshine/meanflow``, ``meanflow.py``):
+
+* t and r are drawn logit-normal (``sigmoid(N(mu, sigma))``, mu -0.4, sigma 1.0) and sorted so
+  that ``r <= t``; an exact fraction ``int(B * mf_ratio)`` (0.75) of each global batch has ``r = t``.
+* ``z = (1 - t) x + t e``, ``v = e - x``.
+* Training-time guidance: ``v_g = w v + (1 - w - k) u(z, t, t | null) + k u(z, t, t | c)`` for
+  samples with ``mf_cfg_t_min <= t <= mf_cfg_t_max``; ``v_g = v`` outside the window and for
+  label-dropped samples. The guidance forward passes run under ``no_grad``.
+* ``u`` and ``du/dt`` from one Jacobian-vector product of ``(z, t, r) -> u(z, r, t | y)`` with
+  tangents ``(v_g, 1, 0)``; ``u_tgt = stopgrad(v_g - clip(t - r, 0, 1) du/dt)``.
+* Per sample ``L = sum over (C, H, W) of (u - u_tgt)^2`` (a sum, as the release), adaptive weight
+  ``L / stopgrad((L + c)^p)`` (c = 1e-2, p = 1), mean over the batch.
+
+Labels are dropped outside the model (``force_drop_ids``), so the guidance, the JVP and the
+gradient pass see the same labels. As in the release, the dropped samples are a Binomial(B, p)
+count taken among the ``r = t`` samples (the release drops the *first* rows of a batch, which are
+its ``r = t`` rows); here the rows are random positions of the global batch, so every rank and
+micro-batch gets its share. Alignment (REPA / iREPA, every ``--align`` preset) is the flow
+objective's: :class:`irepa.trainer.align.AlignmentLoss` on the block-``encoder_depth`` tokens of
+the pass that carries the gradient; ``total = mf_loss + coeff * align`` (the adaptive weight
+applies to the MeanFlow term only).
+
+The JVP and DDP / bf16 / torch.compile (see docs/MEANFLOW.md for the costs)
+---------------------------------------------------------------------------
+``torch.func.jvp`` has no forward-mode rule for the flash / memory-efficient SDPA kernels (nor
+xformers) and does not accept a DDP-wrapped module. One step therefore runs three passes inside
+the phase module's forward (the module DDP wraps):
+
+1. guidance: one forward of ``2B`` (``1B`` when ``k = 0``, none when unguided) of the plain model,
+   ``no_grad``, with the run's attention kernel (flash / memory-efficient SDPA on CUDA);
+2. target: a forward-mode JVP (``torch.autograd.forward_ad``, the machinery of ``torch.func.jvp``)
+   of the plain (unwrapped) model, ``no_grad`` (no graph is kept), with the explicit ``math``
+   attention (the only path with a forward-mode rule);
+3. gradient: an ordinary forward of ``u`` through the model with the run's kernel, whose backward
+   DDP all-reduces like any other step (pass 2 only feeds the stop-gradient target).
+
+All three run under the run's autocast (bf16 on CUDA). ``torch.compile``: the JVP region is
+excluded from compilation (``torch.compiler.disable``), so a compiled phase compiles passes 1
+and 3 and runs the JVP eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from irepa.trainer.align import alignment_terms
+from irepa.trainer.objectives import register
+from irepa.trainer.objectives.base import DataSpec, Objective, Phase
+
+__all__ = ["GUIDANCE_PRESETS", "GuidancePreset", "MeanFlowOptions", "resolve_options", "MeanFlowLoss",
+           "MeanFlow", "math_attention", "meanflow_sample", "TIME_DISTS", "SAMPLE_METHODS"]
+
+TIME_DISTS = ("logit_normal", "uniform")
+#: "meanflow": z_r = z_t - (t - r) u(z_t, r, t) on t = linspace(1, 0, steps + 1); "ode" is accepted
+#: as its alias (the Euler step of the average velocity), so a flow-style config samples too
+SAMPLE_METHODS = ("meanflow", "ode")
+
+
+# ----------------------------------------------------------------------------- guidance presets
+
+
+@dataclass(frozen=True)
+class GuidancePreset:
+    """Training-time guidance: ``v_g = w v + (1 - w - k) u_null + k u_cond`` for t in [t_min, t_max]."""
+
+    w: float
+    k: float
+    t_min: float
+    t_max: float
+    source: str
+
+    @property
+    def effective_scale(self) -> float:
+        """The CFG scale the trained field corresponds to, ``w / (1 - k)`` (the release's README)."""
+        return self.w / (1.0 - self.k) if self.k != 1.0 else math.inf
+
+
+#: Named recipes. ``b2`` is also the release's MF-B/4 default (configs/default.py); ``b2``/``l2``
+#: /``xl2`` are the paper's per-model settings as its third-party reproductions transcribe them
+#: (see docs/MEANFLOW.md); ``unguided`` trains ``v_g = v`` (no guidance passes).
+GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
+    "b2": GuidancePreset(1.0, 0.5, 0.0, 1.0, "release configs/default.py (MF-B/4); paper, MF-B/2"),
+    "l2": GuidancePreset(0.2, 0.92, 0.0, 0.8, "paper, MF-L/2"),
+    "xl2": GuidancePreset(0.2, 0.92, 0.0, 0.75, "paper, MF-XL/2"),
+    "unguided": GuidancePreset(1.0, 0.0, 0.0, 1.0, "release guidance_eq='none'"),
+}
+#: ``--mf-preset auto``: by the SiT size of ``--model`` (S is not in the paper: it gets B's)
+AUTO_PRESET = {"S": "b2", "B": "b2", "L": "l2", "XL": "xl2"}
+
+
+@dataclass
+class MeanFlowOptions:
+    """``irepa-train --objective meanflow`` flags (defaults: the official release)."""
+
+    mf_preset: str = field(default="auto", metadata={"help": (
+        "training-time guidance recipe: auto (by --model: S/B -> b2, L -> l2, XL -> xl2), b2 (w 1.0, k 0.5, "
+        "t in [0, 1]), l2 (w 0.2, k 0.92, t in [0, 0.8]), xl2 (w 0.2, k 0.92, t in [0, 0.75]), unguided; "
+        "--mf-cfg-* override single fields")})
+    mf_cfg_w: float | None = field(default=None, metadata={
+        "help": "guidance w (omega): weight of the conditional velocity v (default: the preset's)"})
+    mf_cfg_k: float | None = field(default=None, metadata={
+        "help": "guidance k (kappa): weight of the model's own conditional u(z, t, t | c) (default: the preset's)"})
+    mf_cfg_t_min: float | None = field(default=None, metadata={"help": "guidance applies for t >= this "
+                                                                       "(default: the preset's)"})
+    mf_cfg_t_max: float | None = field(default=None, metadata={"help": "guidance applies for t <= this "
+                                                                       "(default: the preset's)"})
+    mf_ratio: float = field(default=0.75, metadata={
+        "help": "fraction of each batch with r = t (the release's data_proportion; the paper's 'ratio of r != t' "
+                "is 1 - this)"})
+    mf_time_dist: str = field(default="logit_normal", metadata={"help": "t and r distribution: logit_normal "
+                                                                        "(sigmoid(N(mu, sigma))) or uniform"})
+    mf_time_mu: float = field(default=-0.4, metadata={"help": "logit-normal mean of t and r"})
+    mf_time_sigma: float = field(default=1.0, metadata={"help": "logit-normal std of t and r"})
+    mf_adaptive_p: float = field(default=1.0, metadata={"help": "adaptive weight power p: loss / sg((loss + c)^p); "
+                                                                "0 = plain squared error"})
+    mf_adaptive_c: float = field(default=1e-2, metadata={"help": "adaptive weight constant c"})
+
+    def __post_init__(self) -> None:
+        if self.mf_preset != "auto" and self.mf_preset not in GUIDANCE_PRESETS:
+            raise ValueError(f"--mf-preset {self.mf_preset!r}: expected auto or one of {sorted(GUIDANCE_PRESETS)}")
+        if not 0.0 <= self.mf_ratio <= 1.0:
+            raise ValueError(f"--mf-ratio must lie in [0, 1]; got {self.mf_ratio}")
+        if self.mf_time_dist not in TIME_DISTS:
+            raise ValueError(f"--mf-time-dist {self.mf_time_dist!r}: expected one of {TIME_DISTS}")
+        if not self.mf_time_sigma > 0:
+            raise ValueError(f"--mf-time-sigma must be > 0; got {self.mf_time_sigma}")
+        if self.mf_adaptive_p < 0 or not self.mf_adaptive_c > 0:
+            raise ValueError(f"--mf-adaptive-p must be >= 0 and --mf-adaptive-c > 0; got p {self.mf_adaptive_p}, "
+                             f"c {self.mf_adaptive_c}")
+        lo, hi = self.mf_cfg_t_min, self.mf_cfg_t_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"--mf-cfg-t-min {lo} > --mf-cfg-t-max {hi}")
+
+
+def _size_of(model_name: str) -> str:
+    try:
+        return model_name.split("-", 1)[1].split("/", 1)[0]
+    except IndexError:
+        return ""
+
+
+def resolve_options(opts: MeanFlowOptions | None, model_name: str) -> MeanFlowOptions:
+    """``opts`` with the preset expanded: ``mf_preset`` concrete (``auto`` resolved by the model
+    size) and every ``mf_cfg_*`` filled in (explicit values win). What ``args.json`` should hold."""
+    opts = opts if opts is not None else MeanFlowOptions()
+    name = opts.mf_preset
+    if name == "auto":
+        size = _size_of(model_name)
+        if size not in AUTO_PRESET:
+            raise ValueError(f"--mf-preset auto: cannot tell the SiT size of --model {model_name!r}; "
+                             f"pass --mf-preset one of {sorted(GUIDANCE_PRESETS)}")
+        name = AUTO_PRESET[size]
+    p = GUIDANCE_PRESETS[name]
+    pick = {"mf_cfg_w": p.w, "mf_cfg_k": p.k, "mf_cfg_t_min": p.t_min, "mf_cfg_t_max": p.t_max}
+    filled = {k: (getattr(opts, k) if getattr(opts, k) is not None else v) for k, v in pick.items()}
+    out = dataclasses.replace(opts, mf_preset=name, **filled)
+    if out.mf_cfg_t_min > out.mf_cfg_t_max:
+        raise ValueError(f"MeanFlow guidance window [{out.mf_cfg_t_min}, {out.mf_cfg_t_max}] is empty")
+    return out
+
+
+# ----------------------------------------------------------------------------- attention for the JVP
+
+
+@contextlib.contextmanager
+def math_attention(model: nn.Module) -> Iterator[None]:
+    """Run every SiT attention of ``model`` on the explicit ``math`` path inside the block (the
+    only one with a forward-mode AD rule), restoring each module's backend afterwards."""
+    saved = []
+    for m in model.modules():
+        if hasattr(m, "backend") and hasattr(m, "qkv"):
+            saved.append((m, m.backend))
+            m.backend = "math"
+    try:
+        yield
+    finally:
+        for m, b in saved:
+            m.backend = b
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+# ----------------------------------------------------------------------------- the phase module
+
+
+class MeanFlowLoss(nn.Module):
+    """The MeanFlow phase: ``forward(batch, draws, carry) -> {"loss", logged parts}``.
+
+    ``batch``: ``latents`` (cached posterior [b, 2C, h, w]), ``label`` [b], ``features`` (one
+    tensor per encoder; may be empty without alignment). ``draws``: this micro-batch's rows of
+    :meth:`MeanFlow.draw`. Logged: ``mf_loss`` (adaptive-weighted term), ``mse`` (unweighted
+    mean of (u - u_tgt)^2), ``v_loss`` (the release's monitor: sum over C, H, W of (u - v)^2,
+    batch mean), ``align_loss``, ``cosine`` and per encoder ``cosine/<encoder>``, ``align_loss/<encoder>``.
+    """
+
+    def __init__(self, model: nn.Module, opts: MeanFlowOptions, align: nn.Module | None = None,
+                 coeff: float = 0.0, latent_norm: Any = None, amp_dtype: torch.dtype | None = None,
+                 encoders: Sequence[str] = ()):
+        super().__init__()
+        if getattr(model, "time_conditions", ("t",)) == ("t",):
+            raise ValueError("MeanFlow needs a two-time SiT (build_sit(..., time_conditions=('t', 't-r')))")
+        if opts.mf_cfg_w is None:
+            raise ValueError("MeanFlowLoss needs resolved options (resolve_options)")
+        self.model = model
+        self.align = align
+        self.coeff = float(coeff)
+        self.opts = opts
+        self.latent_norm = latent_norm
+        self.amp_dtype = amp_dtype
+        self.encoders = list(encoders)
+
+    # -- pieces (public so that tests and benchmarks can call them on fixed inputs)
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def guided_velocity(self, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+                        drop: torch.Tensor) -> torch.Tensor:
+        """``v_g`` (float32 or the input's float64): guided inside the t-window, ``v`` elsewhere and
+        for label-dropped samples. One forward of the plain model at r = t (no graph)."""
+        o = self.opts
+        w, k = float(o.mf_cfg_w), float(o.mf_cfg_k)
+        if w == 1.0 and k == 0.0:
+            return v
+        null = torch.full_like(y, self.model.num_classes)
+        if k != 0.0:
+            zz, tt, yy = torch.cat([z, z]), torch.cat([t, t]), torch.cat([null, y])
+        else:
+            zz, tt, yy = z, t, null
+        with self._autocast(z.device):
+            out, _ = self.model(zz, tt.to(z.dtype), yy, force_drop_ids=torch.zeros_like(yy), r=tt.to(z.dtype))
+        out = out.to(v.dtype)
+        u_null, u_cond = out.chunk(2) if k != 0.0 else (out, None)
+        v_g = w * v + (1.0 - w - k) * u_null
+        if u_cond is not None:
+            v_g = v_g + k * u_cond
+        inside = (t >= o.mf_cfg_t_min) & (t <= o.mf_cfg_t_max) & ~drop
+        return torch.where(_bcast(inside, v).bool(), v_g, v)
+
+    @torch.compiler.disable
+    def du_dt(self, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v_g: torch.Tensor,
+              y_in: torch.Tensor) -> torch.Tensor:
+        """``du/dt`` along ``(dz, dt, dr) = (v_g, 1, 0)``: one forward-mode JVP of the plain model
+        (``torch.autograd.forward_ad`` dual tensors: what ``torch.func.jvp`` does, with less
+        overhead), no graph, explicit math attention. Eager even inside a compiled phase."""
+        import torch.autograd.forward_ad as fwAD
+
+        net = getattr(self.model, "_orig_mod", self.model)  # a torch.compile'd model: its eager module
+        dt = z.dtype
+        with torch.no_grad(), math_attention(net), self._autocast(z.device), fwAD.dual_level():
+            zd = fwAD.make_dual(z, v_g.to(dt))
+            td = fwAD.make_dual(t.to(dt), torch.ones_like(t, dtype=dt))
+            rd = fwAD.make_dual(r.to(dt), torch.zeros_like(r, dtype=dt))
+            u = net(zd, td, y_in, force_drop_ids=torch.zeros_like(y_in), r=rd)[0]
+            du = fwAD.unpack_dual(u).tangent
+        if du is None:  # u does not depend on (z, t, r) at all
+            return torch.zeros_like(v_g)
+        return du.to(v_g.dtype)
+
+    def compute(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, r: torch.Tensor, e: torch.Tensor,
+                drop: torch.Tensor, targets: Sequence[torch.Tensor] = ()) -> dict[str, torch.Tensor]:
+        """The loss for normalised clean latents ``x``, labels ``y``, times ``t >= r`` [b], noise
+        ``e`` and the label-dropout mask ``drop`` (see the module docstring for the formula)."""
+        o = self.opts
+        tb, rb = _bcast(t, x), _bcast(r, x)
+        z = (1 - tb) * x + tb * e
+        v = e - x
+        y_in = torch.where(drop.bool(), torch.full_like(y, self.model.num_classes), y)
+        v_g = self.guided_velocity(z, t, v, y, drop.bool())
+        du = self.du_dt(z, t, r, v_g, y_in)
+        u_tgt = (v_g - torch.clamp(tb - rb, 0.0, 1.0) * du).detach()
+        with self._autocast(x.device):
+            u, h = self.model(z, t.to(x.dtype), y_in, force_drop_ids=torch.zeros_like(y_in), r=r.to(x.dtype))
+            terms = alignment_terms(self.align, h, list(targets), self.encoders, x.device)
+        u = u.to(u_tgt.dtype)
+        per = ((u - u_tgt) ** 2).flatten(1).sum(1)
+        weight = (per.detach() + o.mf_adaptive_c) ** o.mf_adaptive_p
+        mf = (per / weight).mean()
+        loss = mf + self.coeff * terms["align_loss"]
+        out = {**terms, "loss": loss, "mf_loss": mf.detach(), "mse": (per.detach() / u[0].numel()).mean(),
+               "v_loss": ((u.detach() - v) ** 2).flatten(1).sum(1).mean(),
+               "align_loss": terms["align_loss"].detach()}
+        return out
+
+    def forward(self, batch: dict, draws: dict, carry: dict | None = None) -> dict[str, torch.Tensor]:
+        from irepa.trainer.data import sample_posterior
+
+        x = sample_posterior(batch["latents"].float(), draws["post"])
+        if self.latent_norm is not None:
+            x = self.latent_norm.normalize(x)
+        return self.compute(x, batch["label"], draws["t"], draws["r"], draws["eps"], draws["drop"],
+                            batch.get("features") or [])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def meanflow_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, steps: int = 1,
+                    cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+    """MeanFlow's few-step sampler: ``z_r = z_t - (t - r) u(z_t, r, t | y)`` on ``t = linspace(1, 0,
+    steps + 1)`` (1-NFE: ``z_0 = z_1 - u(z_1, 0, 1)``; 2-NFE: 1 -> 0.5 -> 0). ``cfg_scale`` 1
+    (default) uses the trained-in guidance; any other value adds test-time CFG on top,
+    ``u_null + s (u_cond - u_null)``, inside ``guidance_interval`` (t of the step). The state is
+    integrated in float64, the model sees ``noise.dtype``; it runs in eval mode, restored after."""
+    if steps < 1:
+        raise ValueError(f"MeanFlow sampling needs steps >= 1; got {steps}")
+    net = getattr(model, "module", model)
+    null = int(net.num_classes)
+    dtype, dev = noise.dtype, noise.device
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    was = model.training
+    model.eval()
+    try:
+        x = noise.to(torch.float64)
+        for i in range(steps):
+            t, r = ts[i], ts[i + 1]
+            guided = cfg_scale != 1.0 and (guidance_interval is None
+                                           or guidance_interval[0] <= t <= guidance_interval[1])
+            if guided:
+                xin, yin = torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, null)])
+            else:
+                xin, yin = x, labels
+            tt = torch.full((xin.shape[0],), t, device=dev, dtype=dtype)
+            rr = torch.full((xin.shape[0],), r, device=dev, dtype=dtype)
+            out = model(xin.to(dtype), tt, yin, r=rr)
+            u = (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float64)
+            if guided:
+                u_c, u_n = u.chunk(2)
+                u = u_n + cfg_scale * (u_c - u_n)
+            x = x - (t - r) * u
+        return x.to(dtype)
+    finally:
+        model.train(was)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def _hw(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
+@register
+class MeanFlow(Objective):
+    """``--objective meanflow``: one-step generation on the cached latents (see the module doc)."""
+
+    name: ClassVar[str] = "meanflow"
+    inputs: ClassVar[tuple[str, ...]] = ("latents",)
+    #: the release trains with Adam betas (0.9, 0.95) and no gradient clipping; previews sample
+    #: with 1 NFE
+    preset: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.95), "grad_clip": 0.0, "sample_steps": 1}
+    Options: ClassVar[type | None] = MeanFlowOptions
+    #: ``--compile`` works: the JVP runs eagerly (excluded with ``torch.compiler.disable``)
+    supports_compile: ClassVar[bool] = True
+    #: keys a flow SiT checkpoint lacks: ``--init-from`` a flow SiT leaves them at their init
+    init_missing_ok: ClassVar[tuple[str, ...]] = ("h_embedder.",)
+
+    def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
+                 amp_dtype: torch.dtype | None = None):
+        super().__init__(cfg, opts, data, align, device, amp_dtype)
+        self.opts = resolve_options(opts, str(cfg.model))
+        if data.latent_shape is None:
+            raise ValueError(f"--objective meanflow trains on VAE latents, but {data.store or 'the data'} has none "
+                             "(a pixel-only store); build one with a VAE")
+        o = self.opts
+        if float(cfg.class_dropout) <= 0 and (o.mf_cfg_w != 1.0 or o.mf_cfg_k != 0.0):
+            raise ValueError(f"--objective meanflow with guidance (--mf-preset {o.mf_preset}: w {o.mf_cfg_w}, "
+                             f"k {o.mf_cfg_k}) needs the null class: --class-dropout > 0 (the release: 0.1), "
+                             "or --mf-preset unguided")
+
+    # ------------------------------------------------------------------ model
+
+    def model_config(self) -> dict:
+        from irepa.trainer.models import DEFAULT_ENCODER_DEPTH, SIT_CONFIGS
+
+        cfg, al, d = self.cfg, self.align_config, self.data
+        if cfg.model not in SIT_CONFIGS:
+            raise ValueError(f"unknown SiT model {cfg.model!r}; expected one of {sorted(SIT_CONFIGS)}")
+        c2, h, w = d.latent_shape
+        over = {k: int(getattr(cfg, k)) for k in ("hidden_size", "depth", "num_heads", "patch_size")
+                if getattr(cfg, k, None) is not None}
+        depth = over.get("depth", SIT_CONFIGS[cfg.model]["depth"])
+        enc_depth = al.encoder_depth if (al is not None and al.encoder_depth is not None) else \
+            min(DEFAULT_ENCODER_DEPTH[_size_of(cfg.model)], depth)
+        return dict(
+            name=cfg.model, input_size=h if h == w else [h, w], in_channels=c2 // 2, num_classes=int(d.num_classes),
+            encoder_depth=int(enc_depth), z_dims=[int(z) for z in d.feature_dims] if al is not None else [],
+            projector=al.projector if al is not None else "mlp", projector_kernel=al.kernel if al is not None else 3,
+            projector_dim=al.projector_dim if al is not None else 2048, qk_norm=bool(cfg.qk_norm),
+            class_dropout_prob=float(cfg.class_dropout), attn=str(cfg.attn), **over,
+            time_conditions=["t", "t-r"])
+
+    def build_model(self, config: dict) -> nn.Module:
+        from irepa.trainer.models import build_sit
+
+        kw = dict(config)
+        name = kw.pop("name")
+        return build_sit(name, **kw)
+
+    def check_data(self, config: dict, where: str) -> None:
+        from irepa.trainer.models import SIT_CONFIGS
+        from irepa.trainer.store_checks import StoreMismatchError
+
+        d = self.data
+        if d.latent_shape is None:
+            raise StoreMismatchError(f"{where} holds no latents; --objective meanflow trains on VAE latents")
+        c2, h, w = d.latent_shape
+        size = _hw(config["input_size"])
+        patch = int(config.get("patch_size") or SIT_CONFIGS[config["name"]]["patch_size"])
+        grid = (size[0] // patch, size[1] // patch)
+        problems = []
+        if c2 // 2 != int(config["in_channels"]):
+            problems.append(f"latent channel count {c2 // 2} != {config['in_channels']}")
+        if (h, w) != size:
+            problems.append(f"latent size {h}x{w} != {size[0]}x{size[1]}")
+        for i, enc in enumerate(d.encoders):
+            if i < len(d.token_grids) and tuple(d.token_grids[i]) != grid:
+                g = d.token_grids[i]
+                problems.append(f"encoder {enc} token grid {g[0]}x{g[1]} != the model's patch grid {grid[0]}x{grid[1]}")
+        for enc, dim, z in zip(d.encoders, d.feature_dims, config.get("z_dims") or []):
+            if int(dim) != int(z):
+                problems.append(f"encoder {enc} feature dim {dim} != projector dim {z}")
+        if problems:
+            raise StoreMismatchError(f"{where} does not fit the MeanFlow model {config['name']}: "
+                                     + "; ".join(problems))
+
+    def check_init(self, state: Any, source: str) -> None:
+        from irepa.trainer.objectives.flow import Flow
+
+        Flow.check_init(self, state, source)  # the same SiT patch embedding and grid checks
+
+    def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
+        """A MeanFlow or flow SiT checkpoint (REPA / iREPA names): a flow SiT lacks only the
+        (t - r) embedder, which keeps its initialisation; anything else missing needs
+        ``--init-from-partial``."""
+        from irepa.trainer.models import load_reference_state_dict
+
+        info = load_reference_state_dict(model, state, prefer="ema", strict=False, source=source)
+        bad = [k for k in info["missing"] if not k.startswith(self.init_missing_ok)] + info["unexpected"]
+        if bad and not partial:
+            raise ValueError(f"{source} does not fit this MeanFlow SiT: missing {info['missing'][:8]}, unexpected "
+                             f"{info['unexpected'][:8]}; --init-from-partial loads what fits and says what was left")
+        return info
+
+    def check_compile(self) -> None:
+        """Nothing to refuse: ``--compile`` compiles the guidance and gradient passes; the JVP runs
+        eagerly (``torch.compiler.disable``). Kept so that the loop can ask every objective."""
+
+    # ------------------------------------------------------------------ one step
+
+    def _times(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        o = self.opts
+        if o.mf_time_dist == "uniform":
+            return torch.rand(batch, generator=generator, device=device)
+        n = torch.randn(batch, generator=generator, device=device)
+        return torch.sigmoid(n * o.mf_time_sigma + o.mf_time_mu)
+
+    def draw(self, batch: int, generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+        """Posterior noise, t >= r (``int(B * mf_ratio)`` random rows with r = t), the interpolation
+        noise and the label-dropout mask (a Binomial(B, class_dropout) count among the r = t rows,
+        as the release's first-rows rule), for the global batch."""
+        c2, h, w = self.data.latent_shape
+        shape = (batch, c2 // 2, h, w)
+        post = torch.randn(shape, generator=generator, device=device)
+        a = self._times(batch, generator, device)
+        b = self._times(batch, generator, device)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        eps = torch.randn(shape, generator=generator, device=device)
+        perm = torch.randperm(batch, generator=generator, device=device)
+        pos = torch.empty_like(perm)
+        pos[perm] = torch.arange(batch, device=device)
+        r = torch.where(pos < int(batch * self.opts.mf_ratio), t, r)
+        n_drop = (torch.rand(batch, generator=generator, device=device) < float(self.cfg.class_dropout)).sum()
+        drop = pos < n_drop
+        return {"post": post, "t": t, "r": r, "eps": eps, "drop": drop}
+
+    def phases(self, model: nn.Module, extra: dict[str, nn.Module]) -> list[Phase]:
+        from irepa.trainer.align import AlignmentLoss
+
+        al = self.align_config
+        use_align = al is not None and len(getattr(model, "projectors", [])) > 0
+        align = AlignmentLoss(model.projectors, al, fused=bool(getattr(self.cfg, "fused_align", True))) \
+            if use_align else None
+        module = MeanFlowLoss(model, self.opts, align, al.coeff if use_align else 0.0, self.data.latent_norm,
+                              self.amp_dtype, self.data.encoders)
+        return [Phase("meanflow", module, [p for p in model.parameters() if p.requires_grad])]
+
+    # ------------------------------------------------------------------ sampling
+
+    def noise_shape(self) -> tuple[int, ...]:
+        c2, h, w = self.data.latent_shape
+        return (c2 // 2, h, w)
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, method: str | None = None,
+               steps: int | None = None, cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """1-NFE by default (``steps`` NFEs otherwise); deterministic, so ``generator`` is unused."""
+        if method is not None and method not in SAMPLE_METHODS:
+            raise ValueError(f"--objective meanflow samples with its average-velocity steps (method 'meanflow', "
+                             f"alias 'ode'); {method!r} is a flow sampler")
+        return meanflow_sample(model, noise, labels, steps=1 if steps is None else int(steps), cfg_scale=cfg_scale,
+                               guidance_interval=guidance_interval)
+
+    def decoder(self, vae_override: str | None = None, extra: dict[str, nn.Module] | None = None,
+                offline: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Sampled (normalised) latents -> uint8 images with the store's VAE (the flow objective's)."""
+        from irepa.trainer.objectives.flow import latent_decoder
+
+        return latent_decoder(self.data, self.device, vae_override, offline)
