@@ -14,7 +14,7 @@ from .base import DataSpec, Objective, Phase
 __all__ = ["DataSpec", "Objective", "Phase", "register", "get_objective", "objective_names"]
 
 #: built-in objectives: name -> module that registers it
-BUILTIN = {"flow": "irepa.trainer.objectives.flow"}
+BUILTIN = {"flow": "irepa.trainer.objectives.flow", "repae": "irepa.trainer.objectives.repae"}
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
