@@ -323,12 +323,25 @@ def test_gan_schedule_starts_at_disc_start(lpips_random):
         outs.append([ph.module(batch, draws, carry) for ph in phases])
     assert [float(o[0]["gan_g"]) for o in outs[:2]] == [0.0, 0.0]
     assert [float(o[1]["loss"].detach()) for o in outs[:2]] == [0.0, 0.0]
-    assert float(outs[2][0]["gan_g"]) != 0.0 and float(outs[2][1]["loss"]) > 0
+    assert float(outs[2][0]["gan_g"]) != 0.0 and float(outs[2][1]["loss"].detach()) > 0
     assert int(extra["discriminator"].steps) == 3
     # a step the loop supplies wins over the counter
     d = obj.draw(4, torch.Generator().manual_seed(0), torch.device("cpu"))
     d["step"] = torch.tensor(1)
     assert obj.gan_factor(d, extra["discriminator"]) == 0.0
+
+
+def test_discriminator_starts_from_given_weights(tmp_path):
+    torch.manual_seed(5)
+    src = PatchDiscriminator(3, 8, 2)
+    sd = {k: v for k, v in src.state_dict().items() if k != "steps"}  # the release's keys
+    torch.save({"discriminator": {f"module.{k}": v for k, v in sd.items()}, "steps": 10}, tmp_path / "ckpt.pt")
+    disc = make_objective(disc_weights=str(tmp_path / "ckpt.pt")).extra_modules()["discriminator"]
+    for k, v in sd.items():
+        assert torch.equal(disc.state_dict()[k], v), k
+    torch.save(PatchDiscriminator(3, 16, 2).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="does not fit a PatchGAN.*wrong shape"):
+        make_objective(disc_weights=str(tmp_path / "wide.pt")).extra_modules()
 
 
 def test_phases_need_the_vae_phase_first(lpips_random):
@@ -632,7 +645,7 @@ def test_lpips_loads_offline_from_local_files(tmp_path, monkeypatch):
     vgg = torchvision.models.vgg16()
     f = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     f.parent.mkdir(parents=True)
-    torch.save(vgg.state_dict(), f)
+    torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, f)  # the trunk part
     lp = build_lpips(None)  # torchvision's cache file
     assert torch.equal(lp.net.slice1[0].weight, vgg.features[0].weight)
     assert torch.equal(lp.net.state_dict()["slice5.28.bias"], vgg.features[28].bias)

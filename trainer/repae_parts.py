@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,7 @@ __all__ = [
     "SyncableBatchNorm2d",
     "set_bn_sync",
     "PatchDiscriminator",
+    "load_discriminator",
     "hinge_d_loss",
     "build_lpips",
     "default_vgg16_path",
@@ -177,6 +179,28 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)
+
+
+def load_discriminator(disc: PatchDiscriminator, path: str | os.PathLike) -> None:
+    """Load discriminator weights (``main.*`` keys; a plain state dict or a checkpoint holding
+    ``"discriminator"``, as the release's files are), with ``weights_only=True``; every ``main.*``
+    key must be there and fit."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--disc-weights {p}: no such file")
+    sd = _load_state(p)
+    if isinstance(sd.get("discriminator"), dict):
+        sd = sd["discriminator"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = disc.state_dict()
+    wanted = {k for k in own if k.startswith("main.")}
+    missing = sorted(wanted - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [k for k in wanted & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"--disc-weights {p} does not fit a PatchGAN with these --disc-layers / --disc-channels: "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {shapes[:4]}")
+    disc.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=False)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

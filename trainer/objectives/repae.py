@@ -76,11 +76,13 @@ import torch.nn as nn
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
 from irepa.trainer.repae_parts import (PatchDiscriminator, SyncableBatchNorm2d, build_lpips, decode_to_uint8,
-                                       frozen, hinge_d_loss, require_lpips, set_bn_sync, sit_hidden_at_depth)
+                                       frozen, hinge_d_loss, load_discriminator, require_lpips, set_bn_sync,
+                                       sit_hidden_at_depth)
 
 __all__ = ["RepaeOptions", "RepaeObjective", "export_vae", "DEFAULT_VAE"]
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+#: the release starts from SD-VAE ft-MSE (its REPA-E/sdvae checkpoint is derived from it)
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 BN_INITS = ("auto", "store", "vae")
 
 
@@ -102,6 +104,9 @@ class RepaeOptions:
     disc_start: int = _opt(0, "step from which the GAN losses are on (release discriminator_start)")
     disc_layers: int = _opt(3, "PatchGAN discriminator strided layers (release n_layers)")
     disc_channels: int = _opt(64, "PatchGAN discriminator width of the first layer (release ndf)")
+    disc_weights: str | None = _opt(None, "start the discriminator from these weights (release "
+                                          "--disc-pretrained-ckpt, e.g. REPA-E/sdvae's sdvae-f8d4-discriminator-ckpt.pt; "
+                                          "a state dict with main.* keys or a checkpoint holding 'discriminator')")
     lpips_net: str = _opt("vgg", "LPIPS trunk: vgg (release), alex or squeeze")
     lpips_weights: str | None = _opt(None, "LPIPS trunk weights: a torchvision state dict or full LPIPS state dict; "
                                            "default torchvision's cached vgg16-397923af.pth; 'random' for tests")
@@ -170,9 +175,10 @@ class _VaePhase(nn.Module):
         x = px.float() / 127.5 - 1.0
         with o.autocast():
             post = self.vae.encode(x).latent_dist
-            z = post.mean + post.std * draws["post"].to(post.mean.dtype)
+        mean, logvar = post.mean.float(), post.logvar.float()  # logvar clamped to [-30, 20] by diffusers
+        z = mean + torch.exp(0.5 * logvar) * draws["post"].to(mean.dtype)
+        with o.autocast():
             recon = self.vae.decode(z).sample
-        z = z.float()
         carry.update(x=x, z=z.detach(), recon=recon.detach())
         B = x.shape[0]
         g = o.gan_factor(draws, disc)
@@ -183,7 +189,7 @@ class _VaePhase(nn.Module):
             lp.eval()
             scale = opts.lpips_release_scaling
             perc = lp(x, r, normalize=scale).mean() if opts.lpips_weight > 0 else torch.zeros((), device=x.device)
-            kl = post.kl().float().sum() / B
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / B  # the posterior's KL to N(0, I)
             if g > 0 and opts.gan_weight > 0:
                 with frozen(disc, eval_mode=False):  # D keeps its (training) mode, as in the release
                     gan = -disc(r).mean()
@@ -294,7 +300,8 @@ class RepaeObjective(Objective):
     # ------------------------------------------------------------------ the VAE
 
     def vae_id(self) -> str:
-        """``--vae``, else the store's VAE, else SD-VAE (ft-EMA)."""
+        """``--vae``, else the VAE the store's latents were made with, else SD-VAE ft-MSE (the
+        release's starting VAE)."""
         return str(_cfg(self.cfg, "vae") or (self.data.vae or {}).get("id") or DEFAULT_VAE)
 
     def _load_vae(self) -> nn.Module:
@@ -418,6 +425,8 @@ class RepaeObjective(Objective):
                 self._load_vae()
         if self._disc is None:
             self._disc = PatchDiscriminator(3, self.opts.disc_channels, self.opts.disc_layers)
+            if self.opts.disc_weights:
+                load_discriminator(self._disc, self.opts.disc_weights)
         return {"vae": self._vae, "discriminator": self._disc}
 
     def lpips(self) -> nn.Module:
@@ -570,7 +579,7 @@ def export_vae(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike | 
     else:
         raise FileNotFoundError(f"{src}: no such run folder or checkpoint")
     out = Path(out_dir) if out_dir is not None else run / "vae"
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or another folder")
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
@@ -603,7 +612,9 @@ def export_vae(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike | 
     info = {"source_checkpoint": str(Path(ckpt).resolve()), "step": int(obj.get("step", -1)),
             "start_vae": vae_entry.get("id"), "latent_bn_ema": bn}
     (tmp / "repae_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     os.replace(tmp, out)
     return out
