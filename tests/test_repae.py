@@ -87,7 +87,7 @@ def make_batch(B: int = 4, seed: int = 0) -> dict:
             "label": torch.arange(B) % 10}
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> None:
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 2e-5) -> None:
     a, b = a.detach().double(), b.detach().double()
     err = (a - b).abs().max().item()
     assert err <= rtol * b.abs().max().item() + 1e-9, f"max abs diff {err} vs scale {b.abs().max().item()}"
