@@ -58,7 +58,7 @@ def lpips_random():
 
 def make_objective(lpips_module=None, align="repa", cfg=None, data=None, **opts) -> RepaeObjective:
     a = resolve_align(align, projector_dim=16, encoder_depth=1) if align else None
-    o = RepaeOptions(lpips_weights="random", disc_channels=8, disc_layers=2, **opts)
+    o = RepaeOptions(**{"lpips_weights": "random", "disc_channels": 8, "disc_layers": 2, **opts})
     obj = get_objective("repae")(cfg or make_cfg(), o, data or make_data(), a, torch.device("cpu"))
     if lpips_module is not None:
         obj._lpips = lpips_module
@@ -178,7 +178,9 @@ def test_one_step_equals_release_transcription(lpips_random, align):
     out["loss"].backward()
     close(out["loss"], vae_loss)
     close(out["l1"], rec), close(out["lpips"], perc), close(out["kl"], kl), close(out["gan_g"], gen)
-    close(out["vae_align"], vae_proj)
+    close(out["align_loss"], vae_proj)
+    close(out["cosine"], -vae_proj)
+    assert set(out) >= {"cosine/enc-a", "cosine/enc-b", "align_loss/enc-a", "align_loss/enc-b"}
     for (name, p), g in zip(vae.named_parameters(), ref_vae_grads):
         assert p.grad is not None, name
         close(p.grad, g)
@@ -225,7 +227,7 @@ def test_one_step_equals_release_transcription(lpips_random, align):
     out["loss"].backward()
     close(out["loss"], sit_loss)
     close(out["mse"], den)
-    close(out["align"], proj)
+    close(out["align_loss"], proj)
     for (name, p), g in zip(model.named_parameters(), ref_sit_grads):
         assert p.grad is not None, name
         close(p.grad, g)
@@ -280,6 +282,27 @@ def test_checkpoint_keys_and_bn_init_from_store_or_vae():
     assert obj3.model_config()["latent_bn"]["init_from"].startswith("VAE scaling_factor")
     with pytest.raises(ValueError, match="--bn-init store"):
         make_objective(bn_init="store").model_config()
+
+
+def test_init_from_a_sit_checkpoint_with_or_without_the_latent_bn():
+    obj = make_objective()
+    mc = obj.model_config()
+    torch.manual_seed(4)
+    src = obj.build_model(mc)
+    with torch.no_grad():
+        src.bn.running_var.fill_(7.0)
+    dst = obj.build_model(mc)
+    info = obj.load_init(dst, {"ema": src.state_dict(), "model": {}}, "repae.pt", partial=False)
+    assert info == {"missing": [], "unexpected": []}
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    repa = {f"module.{k}": v for k, v in src.state_dict().items() if not k.startswith("bn.")}  # a REPA SiT
+    with pytest.raises(ValueError, match="missing from checkpoint.*bn.running_mean"):
+        obj.load_init(obj.build_model(mc), repa, "repa.pt", partial=False)
+    fresh = obj.build_model(mc)
+    info = obj.load_init(fresh, repa, "repa.pt", partial=True)
+    assert sorted(info["missing"]) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]
+    assert torch.allclose(fresh.bn.running_var, torch.full((4,), 1 / 0.18215 ** 2))
 
 
 def test_ema_copy_of_the_model_carries_the_bn_statistics():
@@ -374,7 +397,7 @@ def test_learning_reconstruction_falls_and_alignment_rises(lpips_random):
             opt.step()
             if ph.name == "vae":  # the values before this step's update
                 rec.append(float(out["l1"]))
-                vcos.append(float(out["vae_cosine"]))
+                vcos.append(float(out["cosine"]))
             if ph.name == "sit":
                 cos.append(float(out["cosine"]))
     first, last = np.mean(rec[:3]), np.mean(rec[-5:])
@@ -623,6 +646,9 @@ def test_samples_decode_with_the_tuned_vae_after_undoing_the_bn(tmp_path):
     assert torch.equal(obj.decoder(vae_override=str(out))(lat), ref)
     untuned = obj.decoder(vae_override="tiny")(lat)
     assert not torch.equal(untuned, ref)
+    # previews pass --vae (the VAE the run started from) with the run's modules: the tuned VAE decodes
+    assert torch.equal(obj.decoder("tiny", extra)(lat), ref)
+    assert torch.equal(obj.decoder(str(out), extra)(lat), ref)  # another VAE named: that one
     with pytest.raises(RuntimeError, match="run's own tuned VAE"):
         obj.decoder()
 
@@ -641,6 +667,8 @@ def test_lpips_loads_offline_from_local_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*--lpips-weights"):
         build_lpips(None)
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):  # before any work
+        make_objective(lpips_weights=None)
     torch.manual_seed(3)
     vgg = torchvision.models.vgg16()
     f = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
@@ -683,8 +711,12 @@ def test_registered_with_release_defaults():
     assert (o.vae_align_coeff, o.l1_weight, o.lpips_weight, o.kl_weight, o.gan_weight, o.disc_start) == \
         (1.5, 1.0, 1.0, 1e-6, 0.1, 0)
     assert (o.bn_momentum, o.bn_eps, o.disc_layers, o.disc_channels, o.lpips_net) == (0.1, 1e-4, 3, 64, "vgg")
+    assert (o.path_type, o.time_sampler, o.lpips_release_scaling, o.bn_init) == ("linear", "uniform", True, "auto")
+    assert RepaeObjective.final_sampling == {"method": "sde", "steps": 250}
     d = PatchDiscriminator()
     assert [k for k in d.state_dict() if k.endswith("weight")][:3] == ["main.0.weight", "main.2.weight",
                                                                        "main.3.weight"]
     with pytest.raises(ValueError, match="--bn-init"):
-        make_objective(bn_init="batch")
+        RepaeOptions(bn_init="batch")
+    with pytest.raises(ValueError, match="--gan-weight must be >= 0"):
+        RepaeOptions(gan_weight=-1)

@@ -39,6 +39,7 @@ __all__ = [
     "load_discriminator",
     "hinge_d_loss",
     "build_lpips",
+    "lpips_trunk_path",
     "default_vgg16_path",
     "sit_hidden_at_depth",
     "frozen",
@@ -232,6 +233,25 @@ def _load_state(path: Path) -> dict:
     return obj
 
 
+def lpips_trunk_path(weights: str | None, net: str = "vgg") -> Path:
+    """The local file :func:`build_lpips` reads the trunk from (error naming what to do if none)."""
+    if net not in ("vgg", "alex", "squeeze"):
+        raise ValueError(f"LPIPS net must be vgg, alex or squeeze; got {net!r}")
+    if weights is None:
+        if net != "vgg":
+            raise ValueError(f"LPIPS net {net!r} needs --lpips-weights PATH (a torchvision {net} state dict)")
+        path = default_vgg16_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"LPIPS needs the ImageNet VGG16 weights offline and {path} does not exist: copy torchvision's "
+                f"{VGG16_FILE} there or pass --lpips-weights PATH ('random' only for tests)")
+        return path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--lpips-weights {path}: no such file")
+    return path
+
+
 def build_lpips(weights: str | None = None, net: str = "vgg") -> nn.Module:
     """LPIPS from the ``lpips`` package, offline: frozen, eval mode.
 
@@ -245,20 +265,7 @@ def build_lpips(weights: str | None = None, net: str = "vgg") -> nn.Module:
     * ``"random"``: a randomly initialised trunk (tests only).
     """
     lpips = require_lpips()
-    if net not in ("vgg", "alex", "squeeze"):
-        raise ValueError(f"LPIPS net must be vgg, alex or squeeze; got {net!r}")
-    if weights is None:
-        if net != "vgg":
-            raise ValueError(f"LPIPS net {net!r} needs --lpips-weights PATH (a torchvision {net} state dict)")
-        path = default_vgg16_path()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"LPIPS needs the ImageNet VGG16 weights offline and {path} does not exist: copy torchvision's "
-                f"{VGG16_FILE} there or pass --lpips-weights PATH ('random' only for tests)")
-    elif weights != "random":
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--lpips-weights {path}: no such file")
+    path = lpips_trunk_path(weights, net) if weights != "random" else None
     with warnings.catch_warnings():  # torchvision's deprecation notice for lpips' `pretrained=`
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, pnet_tune=False, verbose=False)

@@ -76,8 +76,8 @@ import torch.nn as nn
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
 from irepa.trainer.repae_parts import (PatchDiscriminator, SyncableBatchNorm2d, build_lpips, decode_to_uint8,
-                                       frozen, hinge_d_loss, load_discriminator, require_lpips, set_bn_sync,
-                                       sit_hidden_at_depth)
+                                       frozen, hinge_d_loss, load_discriminator, lpips_trunk_path, require_lpips,
+                                       set_bn_sync, sit_hidden_at_depth)
 
 __all__ = ["RepaeOptions", "RepaeObjective", "export_vae", "DEFAULT_VAE"]
 
@@ -86,8 +86,10 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 BN_INITS = ("auto", "store", "vae")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A field carrying its CLI help and allowed values (the metadata of ``irepa.pipeline.config.option``)."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
+                                            "positional": False, "metavar": None, "hidden": False})
 
 
 @dataclass
@@ -95,6 +97,9 @@ class RepaeOptions:
     """``--objective repae`` flags; defaults are the release's (``train_repae.py`` and
     ``configs/l1_lpips_kl_gan.yaml``)."""
 
+    path_type: str = _opt("linear", "interpolant: linear (REPA, the release) | cosine", choices=("linear", "cosine"))
+    time_sampler: str = _opt("uniform", "t ~ uniform (the release) | lognormal (t = sigmoid(N(0, 1)))",
+                             choices=("uniform", "lognormal"))
     vae_align_coeff: float = _opt(1.5, "weight of the alignment loss in the VAE loss (release --vae-align-proj-coeff)")
     l1_weight: float = _opt(1.0, "weight of the L1 reconstruction loss (pixels in [-1, 1])")
     lpips_weight: float = _opt(1.0, "weight of the LPIPS perceptual loss")
@@ -107,7 +112,7 @@ class RepaeOptions:
     disc_weights: str | None = _opt(None, "start the discriminator from these weights (release "
                                           "--disc-pretrained-ckpt, e.g. REPA-E/sdvae's sdvae-f8d4-discriminator-ckpt.pt; "
                                           "a state dict with main.* keys or a checkpoint holding 'discriminator')")
-    lpips_net: str = _opt("vgg", "LPIPS trunk: vgg (release), alex or squeeze")
+    lpips_net: str = _opt("vgg", "LPIPS trunk: vgg (release), alex or squeeze", choices=("vgg", "alex", "squeeze"))
     lpips_weights: str | None = _opt(None, "LPIPS trunk weights: a torchvision state dict or full LPIPS state dict; "
                                            "default torchvision's cached vgg16-397923af.pth; 'random' for tests")
     lpips_release_scaling: bool = _opt(True, "feed LPIPS as the release does (its [-1, 1] images mapped again by "
@@ -115,9 +120,16 @@ class RepaeOptions:
     bn_momentum: float = _opt(0.1, "momentum of the SiT's latent BatchNorm (release --bn-momentum)")
     bn_eps: float = _opt(1e-4, "eps of the SiT's latent BatchNorm (release: 1e-4)")
     bn_init: str = _opt("auto", "latent BatchNorm start: auto (store latent_stats when they are this VAE's, else the "
-                                "VAE's scaling_factor), store, or vae")
+                                "VAE's scaling_factor), store, or vae", choices=BN_INITS)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        """Bad values fail when the options are made, before any work."""
+        if self.path_type not in ("linear", "cosine") or self.time_sampler not in ("uniform", "lognormal"):
+            raise ValueError(f"--path-type must be linear or cosine and --time-sampler uniform or lognormal; got "
+                             f"{self.path_type!r}, {self.time_sampler!r}")
         for k in ("vae_align_coeff", "l1_weight", "lpips_weight", "kl_weight", "gan_weight"):
             if getattr(self, k) < 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 0; got {getattr(self, k)}")
@@ -144,6 +156,16 @@ def _jsonable(config: Mapping) -> dict:
                                  default=list))
 
 
+def _align_terms(a: dict, encoders: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The alignment's logged terms, named as every objective logs them: ``align_loss`` (with
+    grad, without coeff), ``cosine``, ``cosine/<encoder>`` and ``align_loss/<encoder>``."""
+    out = {"align_loss": a["loss"].float(), "cosine": a["cosine"].float()}
+    for name, c in zip(encoders, a["per_encoder"]):
+        out[f"cosine/{name}"] = c.float()
+        out[f"align_loss/{name}"] = -c.float()
+    return out
+
+
 class _Ref:
     """Holds a module without registering it (so DDP, ``.train()`` and state dicts of the phase
     module do not see it)."""
@@ -159,11 +181,11 @@ class _VaePhase(nn.Module):
     """VAE loss: reconstruction + LPIPS + KL + GAN (frozen D) + alignment through the frozen SiT."""
 
     def __init__(self, obj: "RepaeObjective", vae: nn.Module, sit: nn.Module, disc: nn.Module, lpips: nn.Module,
-                 align: nn.Module | None):
+                 align: nn.Module | None, encoders: Sequence[str]):
         super().__init__()
         self.vae = vae  # the only registered (trained) module
         self._sit, self._disc, self._lpips, self._align = _Ref(sit), _Ref(disc), _Ref(lpips), align
-        self._obj = obj
+        self._obj, self._encoders = obj, list(encoders)
 
     def forward(self, batch: dict, draws: dict, carry: dict) -> dict:
         o = self._obj
@@ -204,9 +226,10 @@ class _VaePhase(nn.Module):
                 with o.autocast():
                     h = sit_hidden_at_depth(sit, x_t, draws["t"].to(x_t.dtype), batch["label"])
                     a = self._align(h, batch["features"])
-            align_loss = a["loss"].float()
-            loss = loss + opts.vae_align_coeff * align_loss
-            out.update(vae_align=align_loss.detach(), vae_cosine=a["cosine"].float())
+            terms = _align_terms(a, self._encoders)
+            loss = loss + opts.vae_align_coeff * terms["align_loss"]
+            terms["align_loss"] = terms["align_loss"].detach()
+            out.update(terms)
         return {"loss": loss, **out}
 
 
@@ -230,8 +253,7 @@ class _DiscriminatorPhase(nn.Module):
             loss = g * hinge_d_loss(real, fake)
         if self.training and torch.is_grad_enabled():
             self.disc.steps.add_(1)
-        return {"loss": loss, "d_loss": loss.detach(), "logits_real": real.detach().mean(),
-                "logits_fake": fake.detach().mean()}
+        return {"loss": loss, "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
 
 
 class _SitPhase(nn.Module):
@@ -254,19 +276,13 @@ class _SitPhase(nn.Module):
         with o.autocast():
             v, h = self.model(x_t, draws["t"].to(x_t.dtype), batch["label"], force_drop_ids=draws["drop"].long())
             mse = ((v.float() - target.float()) ** 2).mean(dim=tuple(range(1, v.dim()))).mean()
-            out: dict[str, torch.Tensor] = {}
             if self._align is not None and h is not None:
-                a = self._align(h, batch["features"])
-                align_loss = a["loss"].float()
-                out["cosine"] = a["cosine"].float()
-                if len(self._encoders) > 1:
-                    for name, c in zip(self._encoders, a["per_encoder"]):
-                        out[f"cosine/{name}"] = c.float()
+                out = _align_terms(self._align(h, batch["features"]), self._encoders)
             else:
-                align_loss = torch.zeros((), device=z.device)
-                out["cosine"] = torch.zeros((), device=z.device)
-        loss = mse + self._coeff * align_loss
-        return {"loss": loss, "mse": mse.detach(), "align": align_loss.detach(), **out}
+                out = {"align_loss": torch.zeros((), device=z.device), "cosine": torch.zeros((), device=z.device)}
+        loss = mse + self._coeff * out["align_loss"]
+        out["align_loss"] = out["align_loss"].detach()
+        return {"loss": loss, "mse": mse.detach(), **out}
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -281,16 +297,23 @@ class RepaeObjective(Objective):
     #: the release aligns with REPA's MLP projector and proj_coeff 0.5
     preset = {"align": "repa"}
     Options = RepaeOptions
+    preview_sampling = {"method": "ode", "steps": 50}
+    #: the release's FID sampling: SDE, 250 steps
+    final_sampling = {"method": "sde", "steps": 250}
+    #: CFG interval when none is given: the release's for its SD-VAE FID (CFG 2.2 on t in [0, 0.65])
+    guidance_interval = (0.0, 0.65)
 
     def __init__(self, cfg: Any, opts: RepaeOptions | None, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):
         opts = opts if opts is not None else RepaeOptions()
         opts.validate()
-        require_lpips()  # a missing extra fails before any work
+        require_lpips()  # a missing extra, or missing LPIPS weights, fail before any work
+        if opts.lpips_weight > 0 and opts.lpips_weights != "random":
+            lpips_trunk_path(opts.lpips_weights, opts.lpips_net)
         super().__init__(cfg, opts, data, align, device, amp_dtype)
         from irepa.trainer.loss import FlowMatching
 
-        self.fm = FlowMatching(_cfg(cfg, "path_type", "linear"), _cfg(cfg, "time_sampler", "uniform"))
+        self.fm = FlowMatching(opts.path_type, opts.time_sampler)
         self._vae: nn.Module | None = None
         self._vae_id: str | None = None
         self._disc: nn.Module | None = None
@@ -411,6 +434,13 @@ class RepaeObjective(Objective):
                 raise StoreMismatchError(f"{where}: encoder {name} features have dim {dim}; the model's projector "
                                          f"expects {z}")
 
+    def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
+        """``--init-from`` a SiT checkpoint (REPA / iREPA / REPA-E release, or ours; EMA preferred):
+        the SiT's keys (and ``bn.*`` where the checkpoint has them, as REPA-E's do)."""
+        from irepa.trainer.models import load_reference_state_dict
+
+        return load_reference_state_dict(model, state, prefer="ema", strict=not partial, source=source)
+
     def extra_modules(self) -> dict[str, nn.Module]:
         """``vae`` (diffusers AutoencoderKL, from ``--vae``) and ``discriminator`` (PatchGAN); built
         once. When :meth:`build_model` got a checkpoint's config and the VAE has not been loaded,
@@ -488,7 +518,7 @@ class RepaeObjective(Objective):
             align = AlignmentLoss(model.projectors, a, fused=bool(_cfg(self.cfg, "fused_align", True)))
         coeff = float(a.coeff) if a is not None else 0.0
         return [
-            Phase("vae", _VaePhase(self, vae, model, disc, lp, align), list(vae.parameters())),
+            Phase("vae", _VaePhase(self, vae, model, disc, lp, align, self.data.encoders), list(vae.parameters())),
             Phase("discriminator", _DiscriminatorPhase(self, disc), list(disc.parameters())),
             Phase("sit", _SitPhase(self, model, align, coeff, self.data.encoders), list(model.parameters())),
         ]
@@ -510,27 +540,29 @@ class RepaeObjective(Objective):
         """Integrate in the SiT's BN-normalised space, then return VAE latents (BN undone)."""
         from irepa.trainer.sample import sample as integrate
 
-        kw: dict[str, Any] = {}
-        if guidance_interval is not None:
-            kw["guidance_interval"] = tuple(guidance_interval)
-        x = integrate(model, noise, labels, method=method or _cfg(self.cfg, "sample_method", "ode"),
-                      steps=int(steps or _cfg(self.cfg, "sample_steps", 50)), cfg_scale=cfg_scale,
-                      generator=generator, path=_cfg(self.cfg, "path_type", "linear"), **kw)
+        interval = tuple(guidance_interval) if guidance_interval is not None else self.guidance_interval
+        x = integrate(model, noise, labels, method=method or self.final_sampling["method"],
+                      steps=int(steps or self.final_sampling["steps"]), cfg_scale=cfg_scale,
+                      guidance_interval=interval, generator=generator, path=self.opts.path_type)
         return self.denormalize(model, x)
 
-    def decoder(self, vae_override: str | None = None,
-                extra: dict[str, nn.Module] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """VAE latents (from :meth:`sample`) -> uint8 images, with the run's tuned VAE
-        (``extra["vae"]``) or, given ``vae_override``, that VAE (loaded offline)."""
-        if vae_override:
+    def decoder(self, vae_override: str | None = None, extra: dict[str, nn.Module] | None = None,
+                offline: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """VAE latents (from :meth:`sample`) -> uint8 images with the run's tuned VAE
+        (``extra["vae"]``). ``vae_override`` decodes instead when no tuned VAE is given or when it
+        names another VAE than the one the run started from (``--vae`` in training names the
+        starting VAE, and previews pass it: they still decode with the tuned one); loaded with
+        ``local_files_only=offline``."""
+        tuned = extra.get("vae") if extra is not None else None
+        if vae_override and (tuned is None or str(vae_override) != self.vae_id()):
             from irepa.pipeline.vae import load_vae
 
-            vae = load_vae(vae_override, local_files_only=True).vae
-        elif extra is not None and extra.get("vae") is not None:
-            vae = extra["vae"]
+            vae = load_vae(vae_override, device=self.device, local_files_only=offline).vae
+        elif tuned is not None:
+            vae = tuned
         else:
             raise RuntimeError("REPA-E samples decode with the run's own tuned VAE: pass the checkpoint's extra "
-                               "modules (extra={'vae': ...}) or a VAE to override it")
+                               "modules (extra={'vae': ...}) or a VAE folder (e.g. the export-vae output)")
         return lambda z: decode_to_uint8(vae, z)
 
 
