@@ -15,7 +15,7 @@ __all__ = ["DataSpec", "Objective", "Phase", "register", "get_objective", "objec
 
 #: built-in objectives: name -> module that registers it
 BUILTIN = {"flow": "irepa.trainer.objectives.flow", "meanflow": "irepa.trainer.objectives.meanflow",
-           "jit": "irepa.trainer.objectives.jit"}
+           "jit": "irepa.trainer.objectives.jit", "repae": "irepa.trainer.objectives.repae"}
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
