@@ -499,13 +499,11 @@ def _metavar(f: dataclasses.Field, tp: Any) -> str:
 
 def one_line_error(err: BaseException) -> str:
     """The user-facing one-line message of an error (DataLoader worker wrappers unwrapped)."""
-    text = str(err)
-    marker = "Original Traceback (most recent call last):"
-    if marker in text:  # torch re-raised an error from a DataLoader worker
-        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1].strip()
-        _, sep, msg = last.partition(": ")
-        text = msg if sep else last
-    return text.strip()
+    if "Original Traceback" not in str(err):
+        return str(err).strip()
+    from irepa.stores.errors import one_line  # the one unwrapping rule, shared with the loaders
+
+    return one_line(err).strip()
 
 
 def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any], str]],

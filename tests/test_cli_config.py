@@ -230,3 +230,13 @@ def test_init_from_is_strict_unless_partial(tmp_path, store, capsys):
     run(resolve_train({**conv, "init_from_partial": True, "out": str(tmp_path / "partial")})[0])
     out = capsys.readouterr().out
     assert "left out" in out and "projectors.0.weight" in out
+
+
+def test_build_format_choices_are_the_store_backends():
+    """BuildConfig stays torch- and zarr-free, so it names the formats itself: keep them equal."""
+    import dataclasses
+
+    from irepa.stores import BACKENDS
+
+    f = {x.name: x for x in dataclasses.fields(BuildConfig)}["format"]
+    assert tuple(f.metadata["choices"]) == tuple(BACKENDS)

@@ -96,6 +96,8 @@ class TrainConfig:
     num_heads: int | None = option(None, "attention heads override")
     patch_size: int | None = option(None, "patch size override")
     verify: bool = option(False, "recompute the store's checksums before training")
+    skip_damaged: bool = option(False, "leave samples whose bytes fail their read-time checksum out of their batch "
+                                       "(counted in metrics.jsonl and logged) instead of stopping the run")
     shuffle_buffer: int = option(1000, "samples in the shuffle buffer of webdataset stores")
     sample_n: int = option(16, "images in each preview grid")
     sample_steps: int | None = option(None, "sampler steps for previews (default: the objective's)")

@@ -24,13 +24,13 @@ class CacheSource:
     """Micro-batches from a store, moved to the device."""
 
     def __init__(self, reader: Any, encoders: list[str], spec: LoaderSpec, steps: int, state: dict | None,
-                 num_workers: int, device: torch.device):
+                 num_workers: int, device: torch.device, on_damage: str = "raise"):
         self.reader = reader
         kind = reader.loader_kind
         counts = reader.shard_sample_counts() if kind == "stream" else None
         self.loader = StoreLoader(reader.path, kind=kind, num_samples=len(reader), spec=spec, encoders=encoders,
                                   steps=steps, state=state, num_workers=num_workers, shard_counts=counts,
-                                  pin_memory=device.type == "cuda")
+                                  pin_memory=device.type == "cuda", on_damage=on_damage)
         self.encoders = encoders
         self.device = device
         self.num_samples = len(reader)
@@ -43,6 +43,7 @@ class CacheSource:
                 "features": [b["features"][e].to(self.device, non_blocking=nb) for e in self.encoders],
                 "label": b["label"].to(self.device, non_blocking=nb),
                 "index": b["index"],
+                "damaged": b.get("damaged", []),
             }
 
     def state_after(self, steps_done: int) -> dict:
@@ -90,11 +91,12 @@ class RunData:
         return f"{self.reader.format} store {self.reader.path}"
 
     def batches(self, spec: LoaderSpec, steps: int, state: dict | None, num_workers: int,
-                device: torch.device) -> Any:
-        """An iterable of this rank's micro-batches with ``state_after(steps_done)``."""
+                device: torch.device, on_damage: str = "raise") -> Any:
+        """An iterable of this rank's micro-batches with ``state_after(steps_done)``; with
+        ``on_damage="skip"`` damaged samples are left out and listed in ``batch["damaged"]``."""
         if self.online is not None:
             return self.online.batches(spec, steps, state, num_workers)
-        return CacheSource(self.reader, list(self.spec.encoders), spec, steps, state, num_workers, device)
+        return CacheSource(self.reader, list(self.spec.encoders), spec, steps, state, num_workers, device, on_damage)
 
 
 def _select(available: Sequence[str], wanted: list[str] | None, aligning: bool, where: str, align: str) -> list[str]:

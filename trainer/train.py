@@ -26,8 +26,8 @@ import torch.nn as nn
 from irepa.pipeline import dist as distributed
 from irepa.stores.manifest import atomic_write_bytes
 from irepa.trainer.align import resolve_align
-from irepa.trainer.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, load_foreign_checkpoint,
-                                      restore_rng_state, save_checkpoint)
+from irepa.trainer.checkpoint import (checkpoint_path, clean_temporaries, latest_checkpoint, load_checkpoint,
+                                      load_foreign_checkpoint, restore_rng_state, save_checkpoint)
 from irepa.trainer.config import ALIGN_FIELDS, TrainConfig, require_extras, resolve_train, train_to_json
 from irepa.trainer.data import LoaderSpec, mix_seed
 from irepa.trainer.objectives import get_objective
@@ -102,6 +102,9 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     if cfg.resume and ckpt_file is None:
         log(f"--resume: no checkpoint in {out}; starting from step 0")
     ckpt = load_checkpoint(ckpt_file) if (ckpt_file is not None and cfg.resume is not False) else None
+    if d.main:
+        for p in clean_temporaries(out):  # a killed run's half-written checkpoints
+            log(f"removed {p.name}, a checkpoint a killed run did not finish writing")
 
     # ---- data, objective, model, and the checks before step 0
     data = open_run_data(cfg, d, objective_cls.inputs, online_models)
@@ -157,7 +160,8 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     warmup = float(cfg.warmup_steps) or cfg.warmup_epochs * len(data) / cfg.batch_size  # in steps
     spec = LoaderSpec(global_batch=cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
                       grad_accum=cfg.grad_accum, flip=data.flip, shuffle_buffer=cfg.shuffle_buffer)
-    source = data.batches(spec, max(0, cfg.steps - start_step), data_state, cfg.num_workers, d.device)
+    source = data.batches(spec, max(0, cfg.steps - start_step), data_state, cfg.num_workers, d.device,
+                          on_damage="skip" if cfg.skip_damaged else "raise")
     runners: dict[str, nn.Module] = {}
     for p in phases:
         r = p.module
@@ -198,7 +202,7 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     # ---- the loop
     last: dict = {}
     window: dict[str, torch.Tensor] = {}
-    window_steps, t_window, t_start, wait = 0, time.perf_counter(), time.perf_counter(), 0.0
+    window_steps, t_window, t_start, wait, damaged = 0, time.perf_counter(), time.perf_counter(), 0.0, 0
     it = None  # the loader starts on the first step (none when the run is already finished)
     for m in [model, *extra.values()]:
         m.train()
@@ -213,6 +217,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
             t_wait = time.perf_counter()
             micro = [next(it) for _ in range(cfg.grad_accum)]
             wait += time.perf_counter() - t_wait
+            for batch in micro:
+                for msg in batch.get("damaged") or []:
+                    damaged += 1
+                    log(f"skipped a damaged sample (--skip-damaged): {msg}")
             carries: list[dict] = [{} for _ in micro]
             lr_now = lr * min(1.0, step / warmup) if warmup > 0 else lr
             for phase in phases:
@@ -223,12 +231,13 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                     group["lr"] = lr_now
                 opt.zero_grad(set_to_none=True)
                 for k, batch in enumerate(micro):
-                    if len(batch["label"]) != mb:
-                        raise RuntimeError(f"loader gave {len(batch['label'])} samples, expected {mb}")
+                    n = len(batch["label"])  # mb, or fewer when --skip-damaged left samples out
+                    if n != mb and not (cfg.skip_damaged and 0 < n < mb):
+                        raise RuntimeError(f"loader gave {n} samples, expected {mb}")
                     lo = d.rank * spec.rank_batch + k * mb
                     sync = k == cfg.grad_accum - 1 or not d.enabled
                     with contextlib.nullcontext() if sync else runner.no_sync():
-                        res = runner(batch, slice_draws(draws, slice(lo, lo + mb)), carries[k])
+                        res = runner(batch, slice_draws(draws, slice(lo, lo + n)), carries[k])
                         (res["loss"] / cfg.grad_accum).backward()
                     _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name)
                 clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
@@ -246,6 +255,8 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                                   getattr(source, "num_samples", 1), d)
                 rec.update(elapsed_s=time.perf_counter() - t_start, time=time.time(),
                            data_wait_s=wait / window_steps)
+                if cfg.skip_damaged:
+                    rec["damaged_skipped"] = damaged  # this rank's count since the run (re)started
                 if d.device.type == "cuda":
                     rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                 last = rec
