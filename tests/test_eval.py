@@ -331,22 +331,24 @@ def test_reference_cache_folder_and_adm_statistics(run, tmp_path):
 
 
 def test_fid_of_images_for_training(run, monkeypatch):
+    """fid_of_images hands the Frechet distance (tested above) the statistics of the images' pool
+    features and the reference's; the distance itself is stubbed to keep the test cheap."""
     net = inc.load_inception("random", "cpu")
     ref = ev.load_reference_stats(run["root"] / "ref.npz", net, need_pr=False)
     assert ref.pool is None and ref.statistics == "cache"
     images = torch.from_numpy(run["samples"]).permute(0, 3, 1, 2)
+    seen = []
+    monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.append(a) or 1.5)
     batches = (images[i:i + 3] for i in range(0, N_SAMPLES, 3))  # an iterator of batches
-    value = ev.fid_of_images(batches, ref, "cpu", network=net)
-    assert value == pytest.approx(run["result"]["fid"], rel=1e-9)
-    # a whole tensor: the same statistics reach the Frechet distance
-    seen = {}
-    monkeypatch.setattr(ev, "frechet_distance", lambda *a: seen.setdefault("args", a) and 1.5)
-    assert ev.fid_of_images(images, ref, "cpu", network=net, batch_size=3) == 1.5
-    mu, sigma, rmu, rsigma = seen["args"]
+    assert ev.fid_of_images(batches, ref, "cpu", network=net) == 1.5
+    assert ev.fid_of_images(images, ref, "cpu", network=net, batch_size=3) == 1.5  # a whole tensor
     pool = run["feats"]["pool"].astype(np.float64)
-    np.testing.assert_allclose(mu, pool.mean(0), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(sigma, np.cov(pool, rowvar=False), rtol=1e-9, atol=1e-12)
-    assert rmu is ref.mu and rsigma is ref.sigma
+    for mu, sigma, rmu, rsigma in seen:
+        np.testing.assert_allclose(mu, pool.mean(0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(sigma, np.cov(pool, rowvar=False), rtol=1e-9, atol=1e-12)
+        assert rmu is ref.mu and rsigma is ref.sigma
+    with pytest.raises(ValueError, match="has no FID statistics"):
+        ev.fid_of_images(images, ev.ReferenceStats("x.npz"), "cpu", network=net)
 
 
 def test_bad_inputs_fail_with_specific_messages(tmp_path, capsys):
@@ -373,6 +375,24 @@ def test_bad_inputs_fail_with_specific_messages(tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:
         ev.main([str(tmp_path / "ok.npz"), "--ref", str(tmp_path / "ok.npz"), "--batch-szie", "3"])
     assert ex.value.code == 2 and "unknown flag --batch-szie" in capsys.readouterr().err
+
+
+def test_config_values_are_checked_and_provenance_is_read(tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 'abc': expected an integer"):
+        ev.EvalConfig(batch_size="abc")
+    with pytest.raises(ValueError, match="--progress 3: expected true/false"):
+        ev.EvalConfig(progress=3)
+    assert ev.EvalConfig(metrics=("fid", "is"), encoder=123).metrics == "fid,is"  # fire's parse of fid,is
+    # the encoder of a run whose args.json names no encoders: the only one in its store's manifest
+    store = tmp_path / "stores" / "dino"
+    store.mkdir(parents=True)
+    (store / "manifest.json").write_text(json.dumps({"encoders": {"dinov2-vit-b": {}}}))
+    (tmp_path / "run" / "samples").mkdir(parents=True)
+    (tmp_path / "run" / "args.json").write_text(json.dumps({"cache": str(store), "encoders": None}))
+    prov = ev._run_provenance(tmp_path / "run" / "samples" / "samples.npz")
+    assert prov == {"run": str(tmp_path / "run"), "store": str(store), "encoder": "dinov2-vit-b"}
+    assert ev._run_provenance(tmp_path / "elsewhere" / "s.npz")["encoder"] is None
+    assert ev.default_out_path(tmp_path / "run" / "samples" / "samples.npz") == tmp_path / "run" / "samples" / "samples.eval.json"
 
 
 def test_compressed_npz_streams_the_same_images(tmp_path):

@@ -102,6 +102,30 @@ class EvalConfig:
                 "precision/recall features (ref_pool) to this .npz"})
     progress: bool = field(default=True, metadata={"help": "show progress bars (rank 0)"})
 
+    def __post_init__(self) -> None:
+        """Check each value's type (a flag's value arrives as fire parsed it): ints are ints, bools
+        bools; a number or a comma list given to a text option is taken as its text."""
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v, t = getattr(self, f.name), hints[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            if t is int:
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise ValueError(f"{flag} {v!r}: expected an integer")
+            elif t is bool:
+                if not isinstance(v, bool):
+                    raise ValueError(f"{flag} {v!r}: expected true/false (--{f.name} / --no{f.name})")
+            elif v is not None:
+                if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+                    v = ",".join(v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    v = str(v)
+                if not isinstance(v, str):
+                    raise ValueError(f"{flag} {v!r}: expected text")
+                setattr(self, f.name, v)
+
 
 def _parse_metrics(value: Union[str, Sequence[str]]) -> list[str]:
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
@@ -350,7 +374,10 @@ def _resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
     local = int(os.environ.get("LOCAL_RANK", 0))
     if device is None or str(device) == "auto":
         return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local}")
     return dev
@@ -817,13 +844,15 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     metrics = _parse_metrics(cfg.metrics)
     if not cfg.samples:
         raise ValueError("name the samples: irepa-eval SAMPLES.npz --ref REF.npz")
-    if not cfg.ref:
-        raise ValueError("--ref is required: an ADM reference batch .npz, a .npz of images or a folder of images")
+    needs_ref = metrics != ["is"]
+    if not cfg.ref and needs_ref:
+        raise ValueError("--ref is required (only --metrics is goes without): an ADM reference batch .npz, "
+                         "a .npz of images or a folder of images")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size {cfg.batch_size}: must be >= 1")
     samples_path = Path(cfg.samples)
-    ref_path = Path(cfg.ref)
-    if not ref_path.exists():
+    ref_path = Path(cfg.ref) if needs_ref else None
+    if ref_path is not None and not ref_path.exists():
         raise FileNotFoundError(f"--ref {ref_path} does not exist")
     out_path = Path(cfg.out) if cfg.out else default_out_path(samples_path)
     if not out_path.parent.is_dir():
@@ -847,9 +876,8 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     d = _setup_dist(cfg.device)
     try:
         network = load_inception(cfg.inception_weights, d.device)
-        need_ref_stats = any(m in metrics for m in ("fid", "sfid"))
         ref = None
-        if need_ref_stats or "pr" in metrics:
+        if ref_path is not None:
             ref = load_reference_stats(ref_path, network, batch_size=cfg.batch_size, resolution=resolution,
                                        num_workers=cfg.num_workers, cache=cfg.ref_cache, need_pr="pr" in metrics,
                                        progress=cfg.progress)
@@ -904,7 +932,7 @@ def _score(cfg: EvalConfig, metrics: list[str], feats: dict[str, torch.Tensor], 
         "irepa_eval": EVAL_FORMAT,
         **{k: _finite_or_none(v) for k, v in values.items()},
         "samples": {"path": str(cfg.samples), "count": len(samples), "resolution": list(samples.resolution)},
-        "reference": ref.describe() if ref is not None else {"path": str(cfg.ref)},
+        "reference": ref.describe() if ref is not None else {"path": cfg.ref or None},
         "network": network.describe(),
         "settings": {"metrics": metrics, "batch_size": cfg.batch_size, "world_size": d.world,
                      "device": str(d.device), "is_split_size": IS_SPLIT_SIZE, "pr_k": PR_NEIGHBOURS,
@@ -923,9 +951,13 @@ def format_table(result: dict) -> str:
             ("Inception Score", fmt(result["inception_score"], ".3f")),
             ("Precision", fmt(result["precision"], ".4f")), ("Recall", fmt(result["recall"], ".4f"))]
     s, r = result["samples"], result["reference"]
-    head = [f"samples   {s['path']} ({s['count']} images, {s['resolution'][0]}x{s['resolution'][1]})",
-            f"reference {r['path']} (statistics: {r.get('statistics', 'n/a')}"
-            + (f"; {r['images']} images for P/R" if r.get("images") and r.get("has_pr_features") else "") + ")"]
+    head = [f"samples   {s['path']} ({s['count']} images, {s['resolution'][0]}x{s['resolution'][1]})"]
+    if r.get("path"):
+        head.append(f"reference {r['path']} (statistics: {r.get('statistics', 'n/a')}"
+                    + (f"; {r['images']} images for P/R" if r.get("images") and r.get("has_pr_features") else "")
+                    + ")")
+    else:
+        head.append("reference none")
     if result.get("encoder") or result.get("store"):
         head.append(f"run       encoder {result.get('encoder') or '?'}, store {result.get('store') or '?'}")
     width = max(len(k) for k, _ in rows)
