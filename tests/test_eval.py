@@ -444,6 +444,59 @@ def test_two_processes_equal_one_process(tmp_path):
         assert a["pool"].shape == (N_SAMPLES, 2048)
 
 
+_FAKE_NET = """
+import torch
+
+
+class FakeNet(torch.nn.Module):
+    \"\"\"Stands in for the Inception: 6-dim 'pool' features from channel means (cheap, exact).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.extractor = torch.nn.Module()
+        self.extractor.fc = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        f = x.double().mean(dim=(2, 3))
+        pool = torch.cat([f, f ** 2 / 255.0], 1)
+        return {"pool": pool, "spatial": pool, "logits": pool}
+"""
+
+_GATHER_SCRIPT = _FAKE_NET + """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+from irepa.trainer import evaluate as ev
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+imgs = torch.from_numpy(np.load(sys.argv[1])["arr_0"]).permute(0, 3, 1, 2)
+ref = ev.ReferenceStats("stub", mu=np.full(6, 50.0), sigma=np.eye(6) * 30.0) if rank == 0 else None
+value = ev.fid_of_images(imgs[rank::world], ref, "cpu", network=FakeNet(), batch_size=2, gather=True)
+with open(f"{sys.argv[2]}.{rank}", "w") as f:
+    json.dump(value, f)
+dist.destroy_process_group()
+"""
+
+
+def test_fid_of_images_gathers_over_ranks(tmp_path):
+    """gather=True under 2 gloo ranks (each scoring its share): every rank gets the FID of all images."""
+    ns: dict = {}
+    exec(_FAKE_NET, ns)
+    imgs = _images(11, 4, 0.0)
+    np.savez(tmp_path / "imgs.npz", arr_0=imgs)
+    (tmp_path / "gather.py").write_text(_GATHER_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "gather.py"), str(tmp_path / "imgs.npz"), str(tmp_path / "fid")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = ev.ReferenceStats("stub", mu=np.full(6, 50.0), sigma=np.eye(6) * 30.0)
+    want = ev.fid_of_images(torch.from_numpy(imgs).permute(0, 3, 1, 2), ref, "cpu", network=ns["FakeNet"]())
+    got = [json.loads((tmp_path / f"fid.{r}").read_text()) for r in (0, 1)]
+    assert got[0] == got[1] == pytest.approx(want, rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- irepa-cache metrics --fid
 
 

@@ -719,7 +719,7 @@ def load_reference_stats(
 
 def fid_of_images(
     images: Union[torch.Tensor, np.ndarray, Iterable[Union[torch.Tensor, np.ndarray]]],
-    ref: Union[ReferenceStats, str, Path],
+    ref: Optional[Union[ReferenceStats, str, Path]],
     device: Optional[Union[str, torch.device]] = None,
     *,
     network: Optional[InceptionFeatures] = None,
@@ -739,7 +739,7 @@ def fid_of_images(
     if network is None:
         network = cached_inception(inception_weights, str(dev))
     dev = next(network.parameters()).device
-    if not isinstance(ref, ReferenceStats):
+    if ref is not None and not isinstance(ref, ReferenceStats):
         ref = load_reference_stats(ref, network, batch_size=batch_size, need_pr=False, distributed=gather)
     if isinstance(images, (torch.Tensor, np.ndarray)):
         arr = torch.as_tensor(images)
