@@ -74,6 +74,7 @@ class EvalConfig:
     """Every ``irepa-eval`` option (one field = one flag; ``samples`` is positional)."""
 
     samples: str = field(default="", metadata={
+        "positional": True,
         "help": "samples to score: a .npz with uint8 [N, H, W, 3] under arr_0 (irepa-sample's, ADM's format) "
                 "or a folder of images"})
     ref: str = field(default="", metadata={
@@ -972,15 +973,16 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _cli_function(cls: type, run: Any, name: str, positional: Sequence[str] = ()) -> Any:
-    """A function whose signature and docstring are ``cls``'s fields (help from field metadata), for
-    fire: ``--help`` lists every field. Calls ``run(cls(**kwargs))``."""
+def _cli_function(cls: type, run: Any, name: str) -> Any:
+    """A function whose signature and docstring are ``cls``'s fields (help and ``positional`` from
+    field metadata), for fire: ``--help`` lists every field. Calls ``run(cls(**kwargs))``."""
     import typing
 
     hints = typing.get_type_hints(cls)
     params, doc = [], []
     for f in dataclasses.fields(cls):
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in positional else inspect.Parameter.KEYWORD_ONLY
+        positional = f.metadata.get("positional", False)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if positional else inspect.Parameter.KEYWORD_ONLY
         params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=hints.get(f.name, f.type)))
         doc.append(f"    {f.name}: {f.metadata.get('help', '')}")
 
@@ -1020,7 +1022,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         flags = ", ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(EvalConfig) if f.name != "samples")
         print(f"irepa-eval: error: unknown flag {', '.join(bad)} (flags: {flags})", file=sys.stderr)
         sys.exit(2)
-    run_fire(_cli_function(EvalConfig, evaluate, "irepa_eval", positional=("samples",)), "irepa-eval", argv)
+    run_fire(_cli_function(EvalConfig, evaluate, "irepa_eval"), "irepa-eval", argv)
 
 
 if __name__ == "__main__":
