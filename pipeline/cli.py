@@ -39,7 +39,9 @@ class MetricsConfig:
     stores: list[str] = option(default_factory=list, help="one or more store directories", positional=True)
     limit: int = option(4096, "images sampled per store (fixed seed)")
     out: str = option("metrics", "folder for metrics.json, metrics.png and metrics.txt")
-    fid: str | None = option(None, "table encoder -> FID (JSON or CSV/TSV) to correlate each metric with FID")
+    fid: str | None = option(None, "FIDs to correlate each metric with: irepa-eval JSON file(s) (PATH or NAME=PATH, "
+                                   "comma separated; the encoder is read from the JSON) or a table encoder -> FID "
+                                   "(JSON or CSV/TSV)", metavar="SPEC")
     masks: str | None = option(None, "foreground masks for SRSS (folder or .npz)")
     gamma: float = option(1.0, "spatial-normalisation gamma for the normalised variant")
     seed: int = option(0, "seed of the sampled images")

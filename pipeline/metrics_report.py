@@ -38,6 +38,7 @@ __all__ = [
     "summarize",
     "sample_indices",
     "read_fid_table",
+    "read_fid_inputs",
     "fid_correlations",
     "load_masks",
     "format_table",
@@ -127,6 +128,72 @@ def read_fid_table(path: Union[str, Path]) -> dict[str, float]:
         table[fields[0]] = fid
     if not table:
         raise ValueError(f"FID table {path} has no 'name,fid' rows")
+    return table
+
+
+def _eval_json_entry(path: Path) -> Optional[tuple[Optional[str], float]]:
+    """(name, fid) of an ``irepa-eval`` result JSON, or None when the file is not one. The name is
+    the encoder recorded in it, else the folder name of its store, else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or "irepa_eval" not in data:
+        return None
+    fid = data.get("fid")
+    if not isinstance(fid, (int, float)) or isinstance(fid, bool) or not math.isfinite(fid):
+        raise ValueError(f"--fid {path}: this irepa-eval result has no FID (fid = {fid!r}); rerun irepa-eval with fid in --metrics")
+    name = data.get("encoder") or (Path(str(data["store"])).name if data.get("store") else None)
+    return (str(name) if name else None), float(fid)
+
+
+def read_fid_inputs(spec: Union[str, Path, Sequence[Union[str, Path]]]) -> dict[str, float]:
+    """The encoder -> FID table of ``--fid``, given as one of:
+
+    - a table file (``read_fid_table``: JSON {name: fid} or CSV/TSV "name,fid");
+    - one ``irepa-eval`` result JSON, named by the encoder it records (else its store's folder name);
+    - a comma list (or list) of ``irepa-eval`` JSONs, each ``PATH`` or ``NAME=PATH`` (NAME wins over
+      what the file records), one per encoder.
+    """
+    if isinstance(spec, (list, tuple)):
+        items = [str(x).strip() for x in spec if str(x).strip()]
+    else:
+        p = Path(str(spec))
+        if p.is_file():
+            if _eval_json_entry(p) is None:
+                return read_fid_table(p)
+            items = [str(p)]
+        else:
+            items = [x.strip() for x in str(spec).split(",") if x.strip()]
+    if not items:
+        raise ValueError("--fid: empty; give a FID table or irepa-eval JSONs (NAME=PATH,...)")
+    table: dict[str, float] = {}
+    origin: dict[str, str] = {}
+    for item in items:
+        if Path(item).is_file():
+            name, path = None, Path(item)
+        elif "=" in item:
+            name, raw = item.split("=", 1)
+            name, path = name.strip(), Path(raw.strip())
+            if not name:
+                raise ValueError(f"--fid {item!r}: empty name before '='")
+            if not path.is_file():
+                raise FileNotFoundError(f"--fid {item!r}: {path} does not exist")
+        else:
+            raise FileNotFoundError(f"--fid {item!r}: no such file (expected a FID table, an irepa-eval JSON, "
+                                    f"or NAME=PATH.eval.json, comma separated)")
+        entry = _eval_json_entry(path)
+        if entry is None:
+            raise ValueError(f"--fid {path}: not an irepa-eval result JSON (a FID table must be given alone)")
+        recorded, fid = entry
+        name = name or recorded
+        if not name:
+            raise ValueError(f"--fid {path}: the result names no encoder or store; name it: --fid ENCODER={path}")
+        if name in table:
+            raise ValueError(f"--fid: two FID entries for {name!r} ({origin[name]} and {path}); "
+                             f"name them: --fid NAME1=PATH1,NAME2=PATH2")
+        table[name] = fid
+        origin[name] = str(path)
     return table
 
 
@@ -591,7 +658,7 @@ def run_metrics(
     stores: Union[str, Sequence[str]],
     limit: int = 4096,
     out: str = "metrics",
-    fid: Optional[str] = None,
+    fid: Optional[Union[str, Sequence[str]]] = None,
     masks: Optional[str] = None,
     seed: int = 0,
     device: Optional[str] = None,
@@ -612,8 +679,10 @@ def run_metrics(
         stores: one or more store directories (each needs encoder features).
         limit: images sampled per store; 0 or >= the store size takes all.
         out: output folder for metrics.json, metrics.png and metrics.txt.
-        fid: optional table of encoder -> FID (JSON {name: fid} or CSV/TSV "name,fid"); adds the
-            Pearson and Spearman correlation of each metric with FID over the encoders.
+        fid: optional encoder -> FID: a table (JSON {name: fid} or CSV/TSV "name,fid"), or
+            irepa-eval result JSONs (``a.eval.json,b.eval.json`` or ``ENC=a.eval.json,...``, see
+            ``read_fid_inputs``); adds the Pearson and Spearman correlation of each metric with FID
+            over the encoders.
         masks: optional foreground masks for SRSS: a folder of PNGs named by sample key, a .npy
             [N, H, W] aligned on the sample index, or a .npz with "masks" and "keys".
         seed: seed of the image sample.
@@ -632,7 +701,7 @@ def run_metrics(
     if not stores:
         raise ValueError("name at least one store")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fid_table = read_fid_table(fid) if fid else None  # fail before the long part
+    fid_table = read_fid_inputs(fid) if fid else None  # fail before the long part
     from irepa.stores import open_store
 
     readers = []

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from irepa.pipeline.config import ParsedArgs, resolve, run_commands
-from irepa.trainer.config import SampleConfig, TrainConfig
+from irepa.trainer.config import EvalConfig, SampleConfig, TrainConfig
 
-__all__ = ["train", "sample", "main", "sample_main"]
+__all__ = ["train", "sample", "main", "sample_main", "eval_main"]
 
 
 def _objective_flag(name: str) -> list[type]:
@@ -74,7 +74,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (StoreError, CheckpointError)
 
 
+def _eval(parsed: ParsedArgs) -> None:
+    cfg = resolve(EvalConfig, parsed.values, parsed.config)[0]
+    if not cfg.samples:
+        from irepa.pipeline.config import OptionError
+
+        raise OptionError("name the samples: irepa-eval samples.npz --ref REF.npz (irepa-eval --help)")
+    from irepa.trainer.evaluate import evaluate
+
+    evaluate(cfg)
+
+
 TRAIN = {"train": (TrainConfig, _train, (TrainConfig.__doc__ or "").strip())}
+EVAL = {"eval": (EvalConfig, _eval, (EvalConfig.__doc__ or "").strip())}
 SAMPLE = {"sample": (SampleConfig, _sample, (SampleConfig.__doc__ or "").strip())}
 
 
@@ -87,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 def sample_main(argv: list[str] | None = None) -> None:
     """Console entry point of ``irepa-sample``."""
     run_commands("irepa-sample", SAMPLE, argv, default="sample", user_errors=_user_errors)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``irepa-eval`` (``torchrun -m irepa.trainer.evaluate`` too)."""
+    run_commands("irepa-eval", EVAL, argv, default="eval", user_errors=_user_errors)
 
 
 if __name__ == "__main__":

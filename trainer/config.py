@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from irepa.pipeline.config import OptionError, check_fields, option, resolve, to_json
 from irepa.pipeline.defaults import SD_VAE_SCALE
 
-__all__ = ["TrainConfig", "SampleConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
+__all__ = ["TrainConfig", "SampleConfig", "EvalConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
            "require_extras"]
 
 ALIGN_PRESETS = ("irepa", "repa", "irepa-official-ldm", "irepa-official-jit", "none")
@@ -183,6 +183,39 @@ class SampleConfig:
         if self.num_samples < 0 or self.batch_size < 1:
             raise OptionError(f"--num-samples must be >= 0 and --batch-size >= 1; got {self.num_samples}, "
                               f"{self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    """Score a samples .npz (or folder) as the ADM evaluation suite does: FID, sFID, IS, precision, recall."""
+
+    samples: str = option("", "samples to score: a .npz with uint8 [N, H, W, 3] under arr_0 (irepa-sample's, ADM's "
+                              "format) or a folder of images", positional=True)
+    ref: str = option("", "reference: an ADM reference batch .npz (mu/sigma/mu_s/sigma_s read from it, arr_0 images "
+                          "for precision/recall), a .npz of images (arr_0) or a folder of images", metavar="REF")
+    out: str | None = option(None, "JSON result file (default: next to the samples, <samples>.eval.json)")
+    batch_size: int = option(200, "images per Inception forward pass (per rank)")
+    device: str = option("auto", "auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda | cuda:N")
+    inception_weights: str | None = option(None, "torch-fidelity Inception weights file "
+                                                 "(weights-inception-2015-12-05-6726825d.pth); default $IREPA_INCEPTION, "
+                                                 "then the torch hub cache; 'random' = random network, tests only",
+                                           metavar="PATH")
+    encoder: str | None = option(None, "encoder the sampled model was aligned to, recorded in the JSON for "
+                                       "`irepa-cache metrics --fid` (default: from the run's args.json next to the "
+                                       "samples)")
+    metrics: str = option("fid,sfid,is,pr", "comma list of fid, sfid, is, pr (precision/recall), or all")
+    resolution: int = option(0, "ADM center-crop size for folders of images (default: the samples' resolution)")
+    num_workers: int = option(4, "image-decoding workers for folders of images")
+    ref_cache: bool = option(True, "cache what is computed from reference images next to the reference "
+                                   "(--noref-cache: never)")
+    save_features: str | None = option(None, "also write the samples' features (pool, spatial, logits; float32) "
+                                             "and the reference's precision/recall features to this .npz")
+    progress: bool = option(True, "show progress bars (rank 0)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.batch_size < 1 or self.num_workers < 0 or self.resolution < 0:
+            raise OptionError("--batch-size must be >= 1, --num-workers and --resolution >= 0")
 
 
 # ----------------------------------------------------------------------------- objectives' own options
