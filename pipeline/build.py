@@ -27,9 +27,11 @@ from .build_config import BuildConfig, build_config, parse_weights
 from .config import to_json
 from .defaults import BUNDLED, DEFAULT_VAE
 from .encoders import Encoder, load_encoder
-from .sources import default_sample_source, open_source
+from .sources import SAMPLE_IMAGES, default_sample_source, open_source
 from .transforms import DecodeDataset
 from .vae import VaeEncoder, load_vae
+
+SAMPLE_PHOTOS = [p for p in SAMPLE_IMAGES.rglob("*.jpg")]
 
 #: BuildConfig fields that say where and how a build runs, not what it writes (left out of build_args)
 RUNTIME_FIELDS = ("out", "num_workers", "device", "progress", "resume", "repair")
@@ -192,17 +194,23 @@ def _build(cfg: BuildConfig) -> Path:
     dev = dist.device
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    data, out, resolution, flip, fmt = cfg.data, cfg.out, cfg.resolution, cfg.flip, cfg.format
+    data, out, resolution, flip, fmt = cfg.source, cfg.out_dir, cfg.resolution, cfg.flip, cfg.format
     feature_dtype, latent_dtype, precision, with_cls = cfg.feature_dtype, cfg.latent_dtype, cfg.precision, cfg.cls
-    demo = data is None
-    source = default_sample_source() if demo else open_source(data)
-    encoder_names = cfg.encoders
+    demo = cfg.demo
+    encoder_names = _checked_encoders(cfg)  # canonical registry names; unknown ones fail here, at once
     vae, encoder_config, shard_size = cfg.vae, cfg.encoder_config, cfg.shard_size
     if demo:  # the embedded default: tiny random models, small shards
         vae = vae or "tiny"
         encoder_config = encoder_config or "tiny"
         if shard_size == 1024:
             shard_size = 4
+        if dist.main:
+            print(f"irepa-cache build: no --data and no $IREPA_DATA: building the bundled demo ({len(SAMPLE_PHOTOS)} "
+                  f"sample photos) with a tiny random VAE ({vae}) and tiny random {', '.join(encoder_names)} "
+                  f"(random weights: a try-out, not features to train on) into {out}", flush=True)
+    source = default_sample_source() if demo else open_source(data)
+    if len(source) == 0:
+        raise StoreError(f"data {data}: no samples found")
     vae_name = vae or DEFAULT_VAE
 
     from irepa.stores import dataset_fingerprint
@@ -212,8 +220,8 @@ def _build(cfg: BuildConfig) -> Path:
         StoreLock.check(out)  # another build on this --out: fail now, naming it, before loading models
     if cfg.repair and dist.rank == 0:
         repair_store(out)
-    if cfg.resume and not cfg.repair and _already_complete(out, fingerprint, encoder_names, resolution, fmt, flip,
-                                                           feature_dtype, cfg.preprocess):
+    if cfg.resume and not (cfg.repair or cfg.overwrite) and _already_complete(
+            out, fingerprint, encoder_names, resolution, fmt, flip, feature_dtype, cfg.preprocess):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
@@ -304,7 +312,8 @@ def _build(cfg: BuildConfig) -> Path:
         },
     }
 
-    writer = _open_writer_all_ranks(out, fmt, layout, source, info, cfg.resume, dist)
+    existed = Path(out).exists()
+    writer = _open_writer_all_ranks(out, fmt, layout, source, info, cfg.resume, dist, cfg.overwrite)
     mine = [s for s in writer.pending_shards() if s % dist.world_size == dist.rank]
     batches = shard_batches(writer, mine, cfg.batch_size)
 
@@ -351,19 +360,66 @@ def _build(cfg: BuildConfig) -> Path:
     bar.close()
 
     distributed.barrier(dist)
+    err: BaseException | None = None
     if dist.rank == 0:
-        writer.finalize()
+        try:
+            _refuse_empty(writer, data, existed)
+            writer.finalize()
+        except StoreError as e:
+            err = e
+    distributed.fail_together(dist, err)
     distributed.barrier(dist)
     return Path(out)
 
 
-def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: distributed.Dist) -> StoreWriter:
-    """Rank 0 creates (or resumes) the store first; other ranks then open it to write their shards."""
+def _checked_encoders(cfg: BuildConfig) -> list[str]:
+    """The canonical registry name of each --encoder (aliases and official names resolved; an
+    unknown name fails with "did you mean"), checked against --cls before any model loads."""
+    from .encoders import ENCODERS, canonical_encoder_name, feature_transform_name
+
+    names = [canonical_encoder_name(n) for n in cfg.encoders]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--encoder names {dup} more than once (aliases of one encoder count as the same)")
+    for typed, name in zip(cfg.encoders, names):
+        if cfg.cls and name in ENCODERS and ENCODERS[name].num_prefix_tokens == 0:
+            raise ValueError(f"--cls: encoder {name} has no CLS token (all its tokens are patches); drop --cls or "
+                             "that encoder")
+        if feature_transform_name(typed) != "none" and not cfg.cls:
+            raise ValueError(f"--encoder {typed} is the {name} cache plus the {feature_transform_name(typed)} "
+                             f"transform, which mixes in the CLS token: add --cls")
+    return names
+
+
+def _refuse_empty(writer: StoreWriter, data: str | None, existed: bool) -> None:
+    """A build in which no input decoded is an error naming the source, not a complete store of
+    zero samples; a store folder this build created is removed again (nothing to clean by hand)."""
+    from collections import Counter
+
+    from irepa.stores.manifest import read_shard_records
+
+    records = read_shard_records(writer.path, writer.num_shards)
+    skipped = [s for r in records.values() for s in r["skipped"]]
+    if len(records) == writer.num_shards and len(skipped) == writer.layout.num_rows:
+        reasons = "; ".join(f"{r} (x{n})" for r, n in Counter(s["reason"] for s in skipped).most_common(3))
+        if not existed:
+            import shutil
+
+            shutil.rmtree(writer.path, ignore_errors=True)
+        raise StoreError(f"data {data or BUNDLED}: none of its {writer.layout.num_rows} inputs decodes ({reasons}); "
+                         f"no store was written" + ("" if not existed else f" (the folder {writer.path} was kept)"))
+
+
+def _open_writer_all_ranks(out, format, layout, source, info, resume, dist: distributed.Dist,
+                           overwrite: bool = False) -> StoreWriter:
+    """Rank 0 creates (or resumes, or with ``overwrite`` recreates) the store first; other ranks
+    then open it to write their shards."""
     if dist.world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     writer = None
     if dist.rank == 0:
-        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume)
+        writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=resume,
+                                  overwrite=overwrite)
     distributed.barrier(dist)
     if dist.rank != 0:
         writer = StoreWriter.open(out, format, layout, source.keys, source.labels, info, resume=True, lock=False)

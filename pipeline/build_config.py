@@ -5,6 +5,8 @@ Torch-free, so that the command line is checked before any heavy import.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -18,13 +20,15 @@ __all__ = ["BuildConfig", "split_names", "parse_weights", "build_config"]
 class BuildConfig:
     """Run the VAE and vision encoder(s) over a dataset once and write a store.
 
-    With no --data, builds the embedded demo: the bundled sample photos, a tiny random VAE and a
-    tiny random encoder of the named architecture, into stores/demo.
+    With no --data and no $IREPA_DATA, builds the embedded demo (and says so): the bundled sample
+    photos, a tiny random VAE and a tiny random encoder of the named architecture.
     """
 
     data: str | None = option(None, "ImageFolder root, webdataset tar shards ('train-{000000..000146}.tar') "
-                                    "or a .txt file list; default: the bundled demo photos", metavar="PATH")
-    out: str = option("stores/demo", "store directory", metavar="DIR")
+                                    "or a .txt file list; default: $IREPA_DATA, else the bundled demo photos "
+                                    "(tiny random models)", metavar="PATH")
+    out: str | None = option(None, "store directory (default stores/<encoder names as typed, joined by +>, so that "
+                                   "`irepa-cache build --encoder siglip` writes stores/siglip)", metavar="DIR")
     encoder: list[str] | None = option(None, f"registry name(s) or raw timm ids, comma separated (default "
                                              f"{DEFAULT_ENCODER}); all run on the same decoded batch", metavar="A,B")
     vae: str | None = option(None, f"diffusers AutoencoderKL hub id or local folder (default {DEFAULT_VAE}), or tiny",
@@ -49,6 +53,7 @@ class BuildConfig:
     resume: bool = option(True, "finish an interrupted build in place; --noresume refuses an existing store")
     repair: bool = option(False, "verify every shard file first and rebuild the shards that fail (a flipped "
                                  "byte, a deleted file); the result equals an undamaged build")
+    overwrite: bool = option(False, "delete the irepa store already at --out (another build's) and build it again")
     device: str | None = option(None, "torch device (default cuda:LOCAL_RANK when available, else cpu)")
     precision: str = option("bf16", "encoder precision on CUDA: bf16 autocast, fp16 autocast (the official iREPA "
                                     "ldm code's default), or fp32; the VAE always runs fp32 and CPU builds run fp32 "
@@ -68,11 +73,38 @@ class BuildConfig:
             raise OptionError(f"--num-workers must be >= 0; got {self.num_workers}")
         if self.resolution <= 0 or self.resolution % 16:
             raise OptionError(f"--resolution {self.resolution} is not a positive multiple of 16")
+        if self.resolution not in (256, 512) and not self.tiny:
+            raise OptionError(f"--resolution {self.resolution}: the encoders' token grids are defined for 256 and 512 "
+                              "px (16x16 / 32x32 SiT tokens); other sizes only with --encoder-config tiny")
+        if self.repair and self.overwrite:
+            raise OptionError("--repair keeps the store and rebuilds its damaged shards; --overwrite deletes it: "
+                              "give one of them")
 
     @property
     def encoders(self) -> list[str]:
         """The encoder names as given (default: the default encoder)."""
         return list(self.encoder or [DEFAULT_ENCODER])
+
+    @property
+    def source(self) -> str | None:
+        """The data to read: --data, else $IREPA_DATA, else None (the bundled demo)."""
+        return self.data or os.environ.get("IREPA_DATA") or None
+
+    @property
+    def demo(self) -> bool:
+        return self.source is None
+
+    @property
+    def tiny(self) -> bool:
+        """Tiny random models: --encoder-config tiny, or the demo's default."""
+        return self.encoder_config == "tiny" or self.demo
+
+    @property
+    def out_dir(self) -> str:
+        """--out, else stores/<encoder names as typed, joined by +>."""
+        if self.out:
+            return self.out
+        return "stores/" + "+".join(re.sub(r"[^A-Za-z0-9._+-]+", "_", e) for e in self.encoders)
 
 
 def build_config(cfg: BuildConfig | None = None, **kwargs) -> BuildConfig:

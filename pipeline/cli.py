@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from .build_config import BuildConfig
 from .config import OptionError, ParsedArgs, option, resolve, run_commands
 
-__all__ = ["InspectConfig", "VerifyConfig", "MetricsConfig", "COMMANDS", "run_fire", "main"]
+__all__ = ["InspectConfig", "VerifyConfig", "RelinkConfig", "MetricsConfig", "COMMANDS", "run_fire", "main"]
 
 
 @dataclass
@@ -30,6 +30,14 @@ class VerifyConfig:
     """Recompute every shard checksum; exit 1 naming each bad shard, or if the store is unfinished."""
 
     store: str = option(None, "store directory", positional=True)
+
+
+@dataclass
+class RelinkConfig:
+    """Point a --latents-from store at its latents store's new place (after a move); the data is checked."""
+
+    store: str = option(None, "the store built with --latents-from", positional=True)
+    latents_from: str | None = option(None, "where the store holding its latents is now", metavar="STORE")
 
 
 @dataclass
@@ -86,10 +94,20 @@ def _verify(parsed: ParsedArgs | dict) -> None:
     _need(cfg.store, "a store: irepa-cache verify stores/NAME", "verify")
     from irepa.stores import verify_store
 
-    report = verify_store(cfg.store)
+    report = verify_store(cfg.store, progress=True)
     print(report.format())
     if not report.ok:
         sys.exit(1)
+
+
+def _relink(parsed: ParsedArgs | dict) -> None:
+    cfg = _config(RelinkConfig, parsed)
+    _need(cfg.store and cfg.latents_from, "a store and its latents store: irepa-cache relink STORE --latents-from NEW",
+          "relink")
+    from irepa.stores import relink_latents
+
+    rel = relink_latents(cfg.store, cfg.latents_from)
+    print(f"store {cfg.store}: latents read from {rel} (relative to the store) from now on")
 
 
 def _metrics(parsed: ParsedArgs | dict) -> None:
@@ -126,6 +144,7 @@ COMMANDS: dict[str, tuple[type, Any, str]] = {
     "build": (BuildConfig, _build, "run the VAE and encoders over a dataset once and write a store"),
     "inspect": (InspectConfig, _inspect, "what a store holds: counts, arrays, bytes, skipped inputs, provenance"),
     "verify": (VerifyConfig, _verify, "recompute every checksum; exit 1 naming each bad shard"),
+    "relink": (RelinkConfig, _relink, "point a --latents-from store at its moved latents store"),
     "metrics": (MetricsConfig, _metrics, "spatial-structure metrics (LDS, CDS, RMSC, SRSS) of stores' features"),
 }
 

@@ -553,6 +553,14 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
         # fire dispatches; every value was checked above, so fire parses nothing on its own
         component = {name: lambda: fn(parsed)}
         return fire.Fire(component, command=[name], name=prog)
+    except BrokenPipeError:
+        # `irepa-cache inspect STORE | head`: the reader went away; exit quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        sys.exit(0)
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest propagates
         known = isinstance(err, (OptionError, ValueError, FileNotFoundError)) or (
             user_errors is not None and isinstance(err, user_errors()))
@@ -566,11 +574,3 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
         print(f"\n{prog}: interrupted; finished shards and checkpoints are kept: rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:
-        # `irepa-cache inspect STORE | head`: the reader went away; exit quietly
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
-        sys.exit(0)

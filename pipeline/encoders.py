@@ -588,6 +588,24 @@ class Encoder(nn.Module):
 # ------------------------------------------------------------------------------------- loading
 
 
+def _require_pretrained(spec: EncoderSpec, timm_id: str) -> None:
+    """One line, within seconds, when the pretrained weights are neither cached nor downloadable."""
+    from .hub import hf_cached, require_available, torch_hub_cached
+
+    files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    if spec.weights.startswith("hf:"):
+        repo, cached = spec.weights[3:], hf_cached(spec.weights[3:], files)
+    else:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(timm_id)
+        repo = (cfg.hf_hub_id if cfg is not None else None) or timm_id
+        cached = bool(cfg is not None and ((cfg.hf_hub_id and hf_cached(cfg.hf_hub_id, files))
+                                           or (cfg.url and torch_hub_cached(cfg.url))))
+    require_available(f"encoder {spec.name} ({repo})", cached,
+                      f"pass --weights {spec.name}=PATH (a local safetensors / state-dict file, see docs/ENCODERS.md)")
+
+
 def _hf_state_dict(repo: str) -> dict[str, torch.Tensor]:
     """A Hugging Face repo's weights (model.safetensors, or its sharded index) from the hub cache."""
     import json
@@ -715,6 +733,7 @@ def load_encoder(name: str, resolution: int = 256, pretrained: bool = True,
         raise ValueError(f"encoder {spec.name} has no downloadable weights: pass --weights {spec.name}=PATH "
                          f"(the {spec.family} release checkpoint; see docs/ENCODERS.md)")
     if use_pretrained:
+        _require_pretrained(spec, timm_id)
         try:
             if spec.weights.startswith("hf:"):
                 model = _create(timm_id, pretrained=False, **kwargs)

@@ -192,6 +192,17 @@ def load_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", *,
         else:
             vae_id = VAE_ALIASES.get(name, name)
             source = vae_id
+            from .hub import hf_cached, require_available
+
+            cached = hf_cached(source, ("config.json",))
+            if not local_files_only:
+                require_available(f"VAE {source}", cached, "pass --vae PATH (a local diffusers AutoencoderKL "
+                                                           "folder, e.g. from save_pretrained) or --vae tiny")
+            elif not cached:
+                from .hub import ModelUnavailable
+
+                raise ModelUnavailable(f"VAE {source} is not in the local hub cache (loading offline only here); "
+                                       "pass --vae PATH (a local diffusers AutoencoderKL folder)")
         try:
             vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype, local_files_only=local_files_only)
         except Exception as exc:

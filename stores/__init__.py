@@ -39,7 +39,7 @@ from .layout import StoreLayout, dequantize_int8, quantize_int8
 from .lock import StoreLock
 from .manifest import FORMAT_VERSION, READ_VERSIONS, dataset_fingerprint, escape_key, read_manifest
 from .reader import StoreReader, open_store
-from .repair import repair_store
+from .repair import relink_latents, repair_store
 from .report import VerifyReport, array_bytes, describe_store, find_strays, format_description, verify_store
 from .writer import StoreWriter, reopen_shards
 
@@ -69,6 +69,7 @@ __all__ = [
     "quantize_int8",
     "read_manifest",
     "reopen_shards",
+    "relink_latents",
     "repair_store",
     "split_member_name",
     "verify_store",

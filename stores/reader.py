@@ -130,7 +130,7 @@ class StoreReader:
         if not (src / MANIFEST_NAME).exists():
             raise StoreError(
                 f"store {self.path}: its latents live in store {src} (latents_from {lf['path']!r}), "
-                "which does not exist or has no manifest; pass latents_from=<path> if it moved"
+                f"which does not exist or has no manifest; if it moved: irepa-cache relink {self.path} --latents-from NEW_PATH"
             )
         source = StoreReader(src, on_damage=self.on_damage, read_checks=self._checks)
         source.damaged = self.damaged  # one list of what was left out

@@ -182,3 +182,39 @@ def repair_store(path: str | os.PathLike) -> list[str]:
         return said
     finally:
         lock.release()
+
+
+def relink_latents(path: str | os.PathLike, latents_from: str | os.PathLike) -> str:
+    """Point a ``--latents-from`` store at its latents store's new place (after a move).
+
+    The new store must hold the data the manifest recorded: the same dataset fingerprint, row
+    count, shard size and resolution. Only ``latents_from.path`` changes (relative to the store,
+    as the build writes it); the manifest is rewritten atomically. Returns the new relative path.
+    """
+    from .manifest import atomic_write_json, read_manifest
+
+    root = Path(path)
+    m = read_manifest(root)
+    lf = m.get("latents_from")
+    if not lf:
+        raise StoreError(f"store {root} holds its own latents (it was not built with --latents-from); nothing to relink")
+    src = Path(latents_from)
+    try:
+        sm = read_manifest(src)
+    except StoreError as e:
+        raise StoreError(f"--latents-from {src}: {e}") from None
+    got = sm["dataset"]["fingerprint"]
+    if got != lf["fingerprint"]:
+        raise StoreError(f"--latents-from {src}: its dataset fingerprint {got[:16]}... is not the recorded "
+                         f"{lf['fingerprint'][:16]}...; store {root} needs the latents of the data it was built from")
+    for key in ("num_rows", "shard_size"):
+        if sm[key] != m[key]:
+            raise StoreError(f"--latents-from {src}: {key} {sm[key]} != {m[key]} of store {root}")
+    r1, r2 = (sm.get("image") or {}).get("resolution"), (m.get("image") or {}).get("resolution")
+    if r1 is not None and r2 is not None and r1 != r2:
+        raise StoreError(f"--latents-from {src}: resolution {r1} != {r2} of store {root}")
+    if sm.get("latents_from"):
+        raise StoreError(f"--latents-from {src}: that store borrows its latents too; point at the store that holds them")
+    rel = Path(os.path.relpath(src.resolve(), root.resolve())).as_posix()
+    atomic_write_json(root / MANIFEST_NAME, {**m, "latents_from": {**lf, "path": rel}})
+    return rel

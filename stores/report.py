@@ -52,13 +52,15 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _check_files(root: Path, files: dict[str, str], workers: int = 1) -> list[tuple[str, str]]:
+def _check_files(root: Path, files: dict[str, str], workers: int = 1, bar: Any = None) -> list[tuple[str, str]]:
     def check(item: tuple[str, str]) -> tuple[str, str] | None:
         rel, want = item
         p = root / rel
         if not p.is_file():
             return (rel, "missing")
         got = sha256_file(p)
+        if bar is not None:
+            bar.update(p.stat().st_size)
         return None if got == want else (rel, f"sha256 {got[:16]}... != manifest {want[:16]}...")
 
     items = sorted(files.items())
@@ -70,10 +72,13 @@ def _check_files(root: Path, files: dict[str, str], workers: int = 1) -> list[tu
     return [r for r in results if r is not None]
 
 
-def verify_store(path: str | os.PathLike, workers: int | None = None) -> VerifyReport:
-    """Recompute every file's sha256 against the manifest (or the shard records while unfinished).
+def verify_store(path: str | os.PathLike, workers: int | None = None, progress: bool = False) -> VerifyReport:
+    """Recompute every file's sha256 against the manifest (or the shard records while unfinished),
+    list files the manifest does not know, and check that a `--latents-from` store's latents
+    store is where the manifest says with the recorded fingerprint.
 
-    Files are hashed by `workers` threads (default: up to 8, one per CPU)."""
+    Files are hashed by `workers` threads (default: up to 8, one per CPU); `progress` shows a
+    bar in bytes."""
     workers = workers or min(8, os.cpu_count() or 1)
     root = Path(path)
     rep = VerifyReport(path=root)
@@ -94,16 +99,47 @@ def verify_store(path: str | os.PathLike, workers: int | None = None) -> VerifyR
         )
     owner = {rel: s for s, files in shards.items() for rel in files}
     all_files = {rel: want for files in shards.values() for rel, want in files.items()}
-    for rel, why in _check_files(root, all_files, workers):
-        rep.bad_shards.setdefault(owner[rel], []).append((rel, why))
+    meta = m.get("meta_files") or {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum((root / rel).stat().st_size for rel in [*all_files, *meta] if (root / rel).is_file())
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {root.name}", leave=False)
+    try:
+        for rel, why in _check_files(root, all_files, workers, bar):
+            rep.bad_shards.setdefault(owner[rel], []).append((rel, why))
+        rep.bad_meta = _check_files(root, meta, workers, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     rep.bad_shards = dict(sorted(rep.bad_shards.items()))
     rep.files_checked += len(all_files)
     rep.shards_checked = len(shards)
-    meta = m.get("meta_files") or {}
-    rep.bad_meta = _check_files(root, meta, workers)
     rep.files_checked += len(meta)
     rep.stray = find_strays(root, m)
+    lf = m.get("latents_from")
+    if lf:
+        rep.problems += latents_source_problems(root, lf)
     return rep
+
+
+def latents_source_problems(root: Path, lf: dict) -> list[str]:
+    """What is wrong with the store a `--latents-from` store reads its latents from: missing,
+    or holding other data than the fingerprint the manifest recorded."""
+    src = root / lf["path"]
+    hint = f"if it moved: irepa-cache relink {root} --latents-from NEW_PATH"
+    if not (src / "manifest.json").is_file():
+        return [f"its latents live in store {src.resolve()} (recorded as {lf['path']!r}), which does not exist or has "
+                f"no manifest; {hint}"]
+    try:
+        got = read_manifest(src)["dataset"]["fingerprint"]
+    except StoreError as e:
+        return [f"its latents store {src.resolve()} cannot be read: {e}"]
+    if got != lf["fingerprint"]:
+        return [f"its latents store {src.resolve()} holds other data (fingerprint {got[:16]}..., recorded "
+                f"{lf['fingerprint'][:16]}...); {hint}"]
+    return []
 
 
 def find_strays(root: Path, m: dict) -> list[str]:

@@ -219,7 +219,7 @@ class StoreWriter:
                 raise StoreError(
                     f"store {path} was started by a different build and cannot be resumed; "
                     f"differing fields:\n" + "\n".join(lines) + more
-                    + "\nUse another output directory or overwrite=True to start again."
+                    + "\nUse another --out, or --overwrite to delete this store and build it again."
                 )
             backend.create(path, layout, version)  # idempotent: only fills in what is somehow absent
             (path / PROGRESS_DIR).mkdir(exist_ok=True)

@@ -132,3 +132,161 @@ def test_an_empty_store_is_refused_naming_it(tmp_path):
         train(cache=str(tmp_path / "empty"), steps=1, out=str(tmp_path / "r"))
     assert str(tmp_path / "empty") in str(e.value) and "holds no samples" in str(e.value)
     assert "cannot identify image file" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the build side
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from irepa.pipeline.build import build_store  # noqa: E402
+from irepa.pipeline.cli import COMMANDS, run_fire  # noqa: E402
+from irepa.stores import open_store, read_manifest, verify_store  # noqa: E402
+
+TINY_BUILD = ["--resolution", "32", "--encoder-config", "tiny", "--vae", "tiny", "--num-workers", "0",
+              "--device", "cpu", "--progress", "false"]
+
+
+def _cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_the_users_literal_two_commands_on_the_demo(tmp_path):
+    build = _cli(["-m", "irepa.pipeline.cli", "build", "--encoder", "siglip", "--num-workers", "0"], tmp_path)
+    assert build.returncode == 0, build.stderr[-2000:]
+    first = build.stdout.splitlines()[0]
+    assert "bundled demo" in first and "tiny random" in first and "stores/siglip" in first  # said before starting
+    store = tmp_path / "stores" / "siglip"
+    m = read_manifest(store)
+    assert list(m["encoders"]) == ["siglip-vit-b"] and m["build_args"]["encoder"] == ["siglip-vit-b"]
+    insp = _cli(["-m", "irepa.pipeline.cli", "inspect", "stores/siglip"], tmp_path)
+    assert "encoder siglip-vit-b:" in insp.stdout
+    train = _cli(["-m", "irepa.trainer", "--cache", "stores/siglip", "--model", "SiT-S/2", "--hidden-size", "32",
+                  "--depth", "2", "--num-heads", "2", "--batch-size", "4", "--steps", "2", "--sample-every", "0",
+                  "--num-workers", "0", "--progress", "false", "--device", "cpu"], tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert len(list((tmp_path / "runs").glob("*/checkpoints/0000002.pt"))) == 1
+
+
+def test_irepa_data_is_the_default_source(tmp_path, images, monkeypatch):
+    monkeypatch.setenv("IREPA_DATA", str(images))
+    monkeypatch.chdir(tmp_path)
+    build_store(encoder="dinov2-vit-s", resolution=32, encoder_config="tiny", vae="tiny", num_workers=0,
+                device="cpu", progress=False, shard_size=4)
+    m = read_manifest(tmp_path / "stores" / "dinov2-vit-s")
+    assert m["num_rows"] == 6 and m["dataset"]["source"] == str(images) and m["build_args"]["data"] == str(images)
+
+
+def _fails_before_any_work(argv: list[str], out: Path, capsys, *needles: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        run_fire(COMMANDS, "irepa-cache", ["build", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not out.exists()  # no half-made store to delete by hand
+    return err
+
+
+def test_arguments_are_checked_before_a_folder_or_a_model(tmp_path, images, capsys, monkeypatch):
+    import irepa.pipeline.build as build_mod
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(build_mod, "load_encoder", no_models)
+    monkeypatch.setattr(build_mod, "load_vae", no_models)
+    out = tmp_path / "x"
+    data = ["--data", str(images)]
+    _fails_before_any_work([*data, "--encoder", "sigclip", *TINY_BUILD], out, capsys,
+                           "unknown encoder 'sigclip'", "did you mean", "siglip")
+    _fails_before_any_work([*data, "--encoder", "siglip", "--cls", *TINY_BUILD], out, capsys,
+                           "--cls: encoder siglip-vit-b has no CLS token")
+    _fails_before_any_work([*data, "--batch-size", "0", *TINY_BUILD], out, capsys, "--batch-size must be >= 1")
+    _fails_before_any_work([*data, "--resolution", "320"], out, capsys, "--resolution 320", "256 and 512")
+    _fails_before_any_work([*data, "--encoder", "dinov2mixed-vit-b", *TINY_BUILD], out, capsys,
+                           "dinov2mixed", "add --cls")
+
+
+def test_a_source_without_a_decodable_image_writes_no_store(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    (bad / "c").mkdir(parents=True)
+    (bad / "c" / "x.jpg").write_bytes(b"not an image")
+    (bad / "c" / "y.png").write_bytes(b"")
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as e:
+        run_fire(COMMANDS, "irepa-cache", ["build", "--data", str(bad), "--out", str(out), "--encoder", "dinov2-vit-s",
+                                           *TINY_BUILD])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"data {bad}" in err and "none of its 2 inputs decodes" in err and "empty file" in err
+    assert not out.exists()
+
+
+def test_no_hub_access_fails_in_one_line_naming_the_model_and_the_offline_flags(tmp_path, images):
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+    common = ["-m", "irepa.pipeline.cli", "build", "--data", str(images), "--num-workers", "0", "--device", "cpu",
+              "--resolution", "256", "--out", str(tmp_path / "s")]
+    res = _cli([*common, "--encoder", "dinov2-vit-s", "--vae", "tiny"], tmp_path, env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "timm/vit_small_patch14_dinov2.lvd142m" in res.stderr and "--weights dinov2-vit-s=PATH" in res.stderr
+    res = _cli([*common, "--encoder", "dinov2-vit-s", "--encoder-config", "tiny"], tmp_path,
+               {**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    assert res.returncode == 2 and "stabilityai/sd-vae-ft-ema" in res.stderr and "--vae PATH" in res.stderr
+    assert "cannot be reached" in res.stderr and not (tmp_path / "s").exists()
+
+
+def test_closed_pipe_exits_quietly(tmp_path):
+    store = make_synthetic_store(tmp_path / "s", num_samples=8, encoders={"e": 16}, grid=(2, 2))
+    res = subprocess.run(f"{sys.executable} -m irepa.pipeline.cli inspect {store} | head -1", shell=True,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("store ") and res.stderr == "", res.stderr
+
+
+def test_overwrite_rebuilds_another_builds_store(tmp_path, images, capsys):
+    out = tmp_path / "s"
+    base = ["build", "--data", str(images), "--out", str(out), "--encoder", "dinov2-vit-s", "--shard-size", "4",
+            *TINY_BUILD]
+    run_fire(COMMANDS, "irepa-cache", base)
+    with pytest.raises(SystemExit):
+        run_fire(COMMANDS, "irepa-cache", [*base[:-len(TINY_BUILD)], "--flip", *TINY_BUILD])
+    assert "--overwrite to delete this store" in capsys.readouterr().err
+    run_fire(COMMANDS, "irepa-cache", [*base, "--flip", "--overwrite"])
+    assert open_store(out).has_flip
+
+
+def test_verify_checks_and_relink_fixes_a_moved_latents_store(tmp_path, images, capsys):
+    lat, feat = tmp_path / "lat", tmp_path / "feat"
+    kw = dict(data=str(images), resolution=32, encoder_config="tiny", vae="tiny", num_workers=0, device="cpu",
+              progress=False, shard_size=4)
+    build_store(out=str(lat), encoder="dinov2-vit-s", **kw)
+    build_store(out=str(feat), encoder="dinov2-vit-b", latents_from=str(lat), **kw)
+    assert verify_store(feat).ok
+    moved = tmp_path / "elsewhere" / "lat"
+    moved.parent.mkdir()
+    lat.rename(moved)
+    rep = verify_store(feat)
+    assert not rep.ok and "does not exist" in rep.format() and "irepa-cache relink" in rep.format()
+    with pytest.raises(SystemExit):  # a store that holds no latents of its own
+        run_fire(COMMANDS, "irepa-cache", ["relink", str(feat), "--latents-from", str(feat)])
+    assert "that store borrows its latents too" in capsys.readouterr().err
+    other = make_synthetic_store(tmp_path / "other", num_samples=6, encoders={"e": 16}, grid=(2, 2), shard_size=4)
+    with pytest.raises(SystemExit):  # another dataset
+        run_fire(COMMANDS, "irepa-cache", ["relink", str(feat), "--latents-from", str(other)])
+    assert "dataset fingerprint" in capsys.readouterr().err
+    run_fire(COMMANDS, "irepa-cache", ["relink", str(feat), "--latents-from", str(moved)])
+    assert verify_store(feat).ok and read_manifest(feat)["latents_from"]["path"] == "../elsewhere/lat"
+    assert len(open_store(feat)) == 6

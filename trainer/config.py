@@ -103,6 +103,13 @@ class TrainConfig:
     sample_steps: int | None = option(None, "sampler steps for previews (default: the objective's)")
     sample_method: str | None = option(None, "sampler for previews (default: the objective's; flow: ode | sde | heun)")
     sample_cfg: float = option(1.0, "CFG scale for previews")
+    eval_every: int = option(0, "every N steps, sample --eval-samples images with the EMA (the preview sampler "
+                                "settings) and log their FID against --eval-ref as fid_<K> in metrics.jsonl; 0 = off")
+    eval_ref: str | None = option(None, "reference for --eval-every: an ADM reference batch .npz or images "
+                                        "(see irepa-eval)", metavar="REF")
+    eval_samples: int = option(1000, "images per training-time FID (FID-K is biased upward for K < 50000)")
+    eval_inception_weights: str | None = option(None, "Inception weights for --eval-every (see irepa-eval "
+                                                      "--inception-weights)", metavar="PATH")
     tensorboard: bool = option(False, "also log to <out>/tensorboard (needs the tensorboard extra)")
     wandb: bool = option(False, "also log the metrics rows to Weights & Biases (needs the wandb extra)")
     wandb_project: str = option("irepa", "W&B project")
@@ -122,6 +129,8 @@ class TrainConfig:
             raise OptionError(f"--ema takes decays in [0, 1); got {self.ema}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise OptionError(f"--class-dropout must be in [0, 1); got {self.class_dropout}")
+        if self.eval_every < 0 or (self.eval_every and (not self.eval_ref or self.eval_samples < 2)):
+            raise OptionError("--eval-every N needs --eval-ref REF and --eval-samples >= 2")
         if self.num_workers < 0 or self.warmup_steps < 0 or self.warmup_epochs < 0:
             raise OptionError("--num-workers, --warmup-steps and --warmup-epochs must be >= 0")
 

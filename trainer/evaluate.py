@@ -672,6 +672,38 @@ def format_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+class TrainingFid:
+    """FID-K during training (``irepa-train --eval-every N --eval-ref REF --eval-samples K``).
+
+    Every rank samples its share of K images with the EMA model exactly as ``irepa-sample`` does
+    (image i from ``(seed, i)``, the preview sampler settings), decodes them, and the Inception
+    features are gathered so that every rank gets the FID of all K. The Inception network and the
+    reference statistics load at the first evaluation."""
+
+    def __init__(self, cfg: Any, objective: Any, ema: Any, extra: dict, log: Any):
+        self.cfg, self.objective, self.ema, self.extra, self.log = cfg, objective, ema, extra, log
+        self.network = self.ref = self.decode = None
+
+    def __call__(self, step: int) -> dict:
+        """``{"step", "fid_<K>", "eval_samples"}`` for metrics.jsonl (every rank gets the same)."""
+        from irepa.trainer.sample import generate, rank_share
+
+        cfg, obj = self.cfg, self.objective
+        d = _current_dist(obj.device)
+        if self.network is None:
+            self.network = load_inception(cfg.eval_inception_weights, obj.device)
+            self.ref = load_reference_stats(cfg.eval_ref, self.network, need_pr=False, progress=False)
+            self.decode = obj.decoder(cfg.vae, self.extra, offline=True)
+        mine = rank_share(int(cfg.eval_samples), d.rank, d.world_size)
+        images = generate(obj, self.ema, self.decode, mine, cfg.seed,
+                          method=cfg.sample_method or obj.preview_sampling["method"],
+                          steps=cfg.sample_steps or obj.preview_sampling["steps"], cfg_scale=cfg.sample_cfg)
+        value = fid_of_images(torch.from_numpy(images).permute(0, 3, 1, 2), self.ref, network=self.network,
+                              gather=True)
+        self.log(f"step {step}: FID-{cfg.eval_samples} {value:.3f} against {cfg.eval_ref}")
+        return {"step": step, f"fid_{cfg.eval_samples}": value, "eval_samples": int(cfg.eval_samples)}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """``python -m irepa.trainer.evaluate`` / ``torchrun ... -m irepa.trainer.evaluate``: ``irepa-eval``."""
     from irepa.trainer.cli import eval_main

@@ -237,9 +237,10 @@ class PreviewSampler:
 # ----------------------------------------------------------------------------- irepa-sample
 
 
-def load_for_sampling(cfg: Any, device: torch.device) -> tuple[Any, nn.Module]:
-    """(objective, model in eval mode on ``device``) from an irepa-train checkpoint or, with
-    ``--init-from``, a REPA / iREPA release checkpoint (a flow SiT described by the flags)."""
+def load_for_sampling(cfg: Any, device: torch.device) -> tuple[Any, nn.Module, dict[str, nn.Module]]:
+    """(objective, model in eval mode on ``device``, the run's extra modules) from an irepa-train
+    checkpoint or, with ``--init-from``, a REPA / iREPA release checkpoint (a flow SiT described
+    by the flags). Extra modules (REPA-E's tuned VAE) come back with their trained weights."""
     import json
 
     from irepa.pipeline.defaults import SD_VAE_SCALE
@@ -277,7 +278,14 @@ def load_for_sampling(cfg: Any, device: torch.device) -> tuple[Any, nn.Module]:
         model = objective.build_model(mc)
         weights = c["ema"] if (cfg.use_ema and c.get("ema") is not None) else c["model"]
         model.load_state_dict(weights)
-        return objective, model.to(device).eval()
+        extra = {}
+        saved = c.get("modules") or {}
+        if saved:
+            for name, m in objective.extra_modules().items():
+                if name in saved:
+                    m.load_state_dict(saved[name])
+                    extra[name] = m.to(device).eval()
+        return objective, model.to(device).eval(), extra
     if cfg.init_from is None:
         raise ValueError("irepa-sample needs --ckpt (an irepa-train checkpoint or run folder) or --init-from")
     from irepa.trainer.checkpoint import load_foreign_checkpoint
@@ -304,64 +312,79 @@ def load_for_sampling(cfg: Any, device: torch.device) -> tuple[Any, nn.Module]:
                     latent_norm=LatentNorm("sd", cfg.scaling_factor, 0.0), vae=None, store="")
     train_cfg = TrainConfig(model=cfg.model)
     objective = Flow(train_cfg, FlowOptions(path_type=cfg.path_type), data, None, device)
-    return objective, model.to(device).eval()
+    return objective, model.to(device).eval(), {}
+
+
+def rank_share(n: int, rank: int, world: int) -> list[int]:
+    """The contiguous block of image indices ``range(n)`` this rank samples."""
+    import math
+
+    per = int(math.ceil(n / world))
+    return list(range(rank * per, min(n, (rank + 1) * per)))
+
+
+@torch.no_grad()
+def generate(objective: Any, model: nn.Module, decode: Any, indices: Sequence[int], seed: int, *,
+             batch_size: int = 32, method: str | None = None, steps: int | None = None, cfg_scale: float = 1.0,
+             guidance_interval: tuple[float, float] | None = None, labels: Sequence[int] | None = None,
+             bar: Any = None) -> np.ndarray:
+    """Images ``indices`` as uint8 [n, H, W, 3]: image i's noise, label (cycled from ``labels``,
+    else random) and SDE noise come from ``(seed, i)`` alone, so batch size and rank count do not
+    change them (``irepa-sample`` and training-time FID both sample this way)."""
+    from irepa.trainer.data import mix_seed
+
+    device = objective.device
+    shape, num_classes = objective.noise_shape(), objective.data.num_classes
+    out = []
+    for s in range(0, len(indices), max(1, batch_size)):
+        idx = list(indices[s:s + batch_size])
+        zs, ys = [], []
+        for i in idx:
+            g = torch.Generator().manual_seed(mix_seed("sample", seed, i))
+            zs.append(torch.randn(shape, generator=g))
+            ys.append(labels[i % len(labels)] if labels else int(torch.randint(num_classes, (1,), generator=g)))
+        z = torch.stack(zs).to(device)
+        y = torch.as_tensor(ys, dtype=torch.long, device=device)
+        gen = [torch.Generator(device=device).manual_seed(mix_seed("sample-sde", seed, i)) for i in idx]
+        x = objective.sample(model, z, y, method=method, steps=steps, cfg_scale=cfg_scale,
+                             guidance_interval=guidance_interval, generator=gen)
+        out.append(decode(x).permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8))  # uint8 [b, H, W, 3]
+        if bar is not None:
+            bar.update(len(idx))
+    return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def run_sampling(cfg: Any) -> Path:
     """``irepa-sample``: sample ``cfg.num_samples`` images (image i from (seed, i) only, so batch
     size and rank count do not change it), decode them and write ``samples.npz`` + ``grid.png``."""
-    import math
-
     import torch.distributed as dist
 
     from irepa.pipeline import dist as distributed
-    from irepa.trainer.data import mix_seed
 
     d = distributed.setup(cfg.device)
     try:
-        objective, model = load_for_sampling(cfg, d.device)
-        decode = objective.decoder(cfg.vae, None, offline=False)
+        objective, model, extra = load_for_sampling(cfg, d.device)
+        decode = objective.decoder(cfg.vae, extra, offline=False)
         out = Path(cfg.out)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(d)
-        n = int(cfg.num_samples)
-        per = int(math.ceil(n / d.world_size))
-        mine = list(range(d.rank * per, min(n, (d.rank + 1) * per)))
-        fixed = list(cfg.labels) if cfg.labels else None
-        shape = objective.noise_shape()
-        num_classes = objective.data.num_classes
-        method = cfg.method or objective.final_sampling["method"]
-        steps = cfg.steps or objective.final_sampling["steps"]
+        mine = rank_share(int(cfg.num_samples), d.rank, d.world_size)
         interval = None
         if cfg.guidance_low is not None or cfg.guidance_high is not None:
             interval = (cfg.guidance_low if cfg.guidance_low is not None else 0.0,
                         cfg.guidance_high if cfg.guidance_high is not None else 1.0)
-        images, order = [], []
         bar = None
         if d.main and cfg.progress:
             from tqdm import tqdm
             bar = tqdm(total=len(mine), unit="img", desc="irepa-sample")
-        for s in range(0, len(mine), cfg.batch_size):
-            idx = mine[s:s + cfg.batch_size]
-            zs, ys = [], []
-            for i in idx:  # image i depends on (seed, i) only
-                g = torch.Generator().manual_seed(mix_seed("sample", cfg.seed, i))
-                zs.append(torch.randn(shape, generator=g))
-                ys.append(fixed[i % len(fixed)] if fixed else int(torch.randint(num_classes, (1,), generator=g)))
-            z = torch.stack(zs).to(d.device)
-            y = torch.as_tensor(ys, dtype=torch.long, device=d.device)
-            gen = [torch.Generator(device=d.device).manual_seed(mix_seed("sample-sde", cfg.seed, i)) for i in idx]
-            x = objective.sample(model, z, y, method=method, steps=steps, cfg_scale=cfg.cfg_scale,
-                                 guidance_interval=interval, generator=gen)
-            img = decode(x)  # uint8 [b, 3, H, W]
-            images.append(img.permute(0, 2, 3, 1).cpu().numpy())
-            order.extend(idx)
-            if bar is not None:
-                bar.update(len(idx))
+        arr = generate(objective, model, decode, mine, cfg.seed, batch_size=cfg.batch_size,
+                       method=cfg.method or objective.final_sampling["method"],
+                       steps=cfg.steps or objective.final_sampling["steps"], cfg_scale=cfg.cfg_scale,
+                       guidance_interval=interval, labels=list(cfg.labels) if cfg.labels else None, bar=bar)
         if bar is not None:
             bar.close()
-        arr = np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+        order = mine
         part = out / f".part-{d.rank:05d}.npz"
         _atomic_npz(part, arr_0=arr.astype(np.uint8), index=np.asarray(order, dtype=np.int64))
         distributed.barrier(d)

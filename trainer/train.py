@@ -194,6 +194,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
         log(f"checkpoint {p}")
 
     preview = PreviewSampler(objective, emas[0], cfg, out, log, d.main, extra)
+    fid = None
+    if cfg.eval_every > 0:
+        from irepa.trainer.evaluate import TrainingFid
+        fid = TrainingFid(cfg, objective, emas[0], extra, log)
     bar = None
     if d.main and cfg.progress:
         from tqdm import tqdm
@@ -270,6 +274,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                 save(step)
             if cfg.sample_every > 0 and step % cfg.sample_every == 0:
                 preview.maybe_sample(step)
+            if fid is not None and step % cfg.eval_every == 0:
+                row = fid(step)
+                if metrics is not None:
+                    metrics.write(row)
         if step > start_step or (ckpt is None and cfg.steps == 0):
             save(step)
     finally:

@@ -594,7 +594,7 @@ def export_vae(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike | 
         raise FileNotFoundError(f"{src}: no such run folder or checkpoint")
     out = Path(out_dir) if out_dir is not None else run / "vae"
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True or another folder")
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or another folder")
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{ckpt}: not a training checkpoint")
