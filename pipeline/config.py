@@ -562,7 +562,7 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
             pass
         sys.exit(0)
     except Exception as err:  # noqa: BLE001 - user errors become one line, the rest propagates
-        known = isinstance(err, (OptionError, ValueError, FileNotFoundError)) or (
+        known = isinstance(err, (OptionError, ValueError, FileNotFoundError, FileExistsError)) or (
             user_errors is not None and isinstance(err, user_errors()))
         if os.environ.get("IREPA_DEBUG") or not known:
             raise

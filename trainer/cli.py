@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from irepa.pipeline.config import ParsedArgs, resolve, run_commands
-from irepa.trainer.config import EvalConfig, SampleConfig, TrainConfig
+from irepa.trainer.config import EvalConfig, ExportVaeConfig, SampleConfig, TrainConfig
 
 __all__ = ["train", "sample", "main", "sample_main", "eval_main"]
 
@@ -85,13 +85,32 @@ def _eval(parsed: ParsedArgs) -> None:
     evaluate(cfg)
 
 
+def _export_vae(parsed: ParsedArgs) -> None:
+    cfg = resolve(ExportVaeConfig, parsed.values, parsed.config)[0]
+    if not cfg.run:
+        from irepa.pipeline.config import OptionError
+
+        raise OptionError("name the run: irepa-train export-vae runs/NAME [--out DIR]")
+    from irepa.trainer.objectives.repae import export_vae
+
+    out = export_vae(cfg.run, cfg.out, overwrite=cfg.overwrite)
+    print(f"tuned VAE written to {out}: irepa-cache build --vae {out} ... re-caches latents with it")
+
+
 TRAIN = {"train": (TrainConfig, _train, (TrainConfig.__doc__ or "").strip())}
+EXPORT_VAE = {"export-vae": (ExportVaeConfig, _export_vae, (ExportVaeConfig.__doc__ or "").strip())}
 EVAL = {"eval": (EvalConfig, _eval, (EvalConfig.__doc__ or "").strip())}
 SAMPLE = {"sample": (SampleConfig, _sample, (SampleConfig.__doc__ or "").strip())}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point of ``irepa-train``."""
+    """Console entry point of ``irepa-train`` (and ``irepa-train export-vae RUN`` for REPA-E runs)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export-vae"]:
+        run_commands("irepa-train export-vae", EXPORT_VAE, argv[1:], default="export-vae", user_errors=_user_errors)
+        return
     run_commands("irepa-train", TRAIN, argv, default="train", extra_fields=_objective_flag,
                  help_sections=_objective_sections, user_errors=_user_errors)
 

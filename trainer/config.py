@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from irepa.pipeline.config import OptionError, check_fields, option, resolve, to_json
 from irepa.pipeline.defaults import SD_VAE_SCALE
 
-__all__ = ["TrainConfig", "SampleConfig", "EvalConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
+__all__ = ["TrainConfig", "SampleConfig", "EvalConfig", "ExportVaeConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
            "require_extras"]
 
 ALIGN_PRESETS = ("irepa", "repa", "irepa-official-ldm", "irepa-official-jit", "none")
@@ -225,6 +225,15 @@ class EvalConfig:
         check_fields(self)
         if self.batch_size < 1 or self.num_workers < 0 or self.resolution < 0:
             raise OptionError("--batch-size must be >= 1, --num-workers and --resolution >= 0")
+
+
+@dataclass
+class ExportVaeConfig:
+    """Write a REPA-E run's tuned VAE as a diffusers folder, for `irepa-cache build --vae FOLDER`."""
+
+    run: str = option("", "a REPA-E run folder (its newest checkpoint) or one checkpoint file", positional=True)
+    out: str | None = option(None, "output folder (default <run>/vae)", metavar="DIR")
+    overwrite: bool = option(False, "replace an existing, non-empty output folder")
 
 
 # ----------------------------------------------------------------------------- objectives' own options
