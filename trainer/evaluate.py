@@ -45,6 +45,7 @@ import torch
 
 from irepa.pipeline import dist as distributed
 from irepa.pipeline.dist import Dist
+from irepa.stores.manifest import atomic_open, atomic_write_bytes
 
 from .eval_images import FolderImages, ImageSource, NpzImages, open_images
 from .fid import (IS_SPLIT_SIZE, PR_NEIGHBOURS, feature_statistics, frechet_distance, inception_score,
@@ -259,29 +260,13 @@ def _read_cache(path: Path, key: str) -> Optional[dict]:
 
 
 def _atomic_savez(path: Path, **arrays: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``np.savez`` written atomically (temporary name, fsync, rename)."""
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_reference_stats(
