@@ -78,7 +78,9 @@ def _wandb_id(out: Path) -> str:
     """One W&B run per run folder (a resume continues it): a stable id kept in <out>/wandb_id."""
     import uuid
 
+    from irepa.stores.manifest import atomic_write_bytes
+
     p = out / "wandb_id"
     if not p.exists():
-        p.write_text(uuid.uuid4().hex[:16] + "\n")
+        atomic_write_bytes(p, (uuid.uuid4().hex[:16] + "\n").encode())
     return p.read_text().strip()
