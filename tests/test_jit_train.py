@@ -200,3 +200,29 @@ def test_repae_runs_two_steps_on_a_pixel_store(tmp_path, built_pixel_store):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "l1", "sit/loss", "sit/mse")), r
+
+
+# ----------------------------------------------------------------------------- benches
+
+
+def test_jit_step_and_pixel_storage_benches_run(capsys):
+    import bench.jit_step
+    import bench.storage
+
+    res = bench.jit_step.main(["--smoke", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "JiT train step: pixel store (cached) vs online encoder" in out and "online/cached step time" in out
+    (r,) = res["records"]
+    f = r["flops_per_image"]
+    assert f["step cached"] > f["step no-align"] > 0 and f["encoder"] > 0
+    assert set(r["times"]) == {"no-align", "cached", "online", "online: encoder", "online: decode + crop (1 core)"}
+    res = bench.storage.main(["--smoke", "--device", "cpu", "--only-pixels"])
+    out = capsys.readouterr().out
+    assert "Pixel codecs: bytes and loader speed" in out and "zstd/none pixel bytes" in out
+    recs = res["pixels"]["records"]
+    assert {(r["format"], r["codec"]) for r in recs} == {("zarr", "none"), ("zarr", "zstd"), ("wds", "none"),
+                                                          ("wds", "png")}
+    raw = {r["format"]: r["pixel_bytes_per_sample"] for r in recs if r["codec"] == "none"}
+    for r in recs:
+        if r["codec"] != "none":  # lossless codecs of photos: fewer bytes than the raw rows
+            assert r["pixel_bytes_per_sample"] < raw[r["format"]], r
