@@ -64,17 +64,6 @@ class BuildConfig:
     pretrained: bool = option(True, "load the encoders' pretrained weights (false: random init)", hidden=True)
     progress: bool = option(True, "show a progress bar")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-        for name in ("shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise OptionError(f"--num-workers must be >= 0; got {self.num_workers}")
-        if self.resolution <= 0 or self.resolution % 16:
-            raise OptionError(f"--resolution {self.resolution} is not a positive multiple of 16")
-        self._check_pixels()
-
     def _check_pixels(self) -> None:
         """--pixels, --pixel-codec and --vae none fit together and the backend has the codec."""
         if self.vae == "none" and not self.pixels:
@@ -90,6 +79,17 @@ class BuildConfig:
             if self.pixel_codec not in codecs:
                 raise OptionError(f"--pixel-codec {self.pixel_codec} is not available with --format {self.format} "
                                   f"(it has {', '.join(codecs)})")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self._check_pixels()
+        for name in ("shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise OptionError(f"--num-workers must be >= 0; got {self.num_workers}")
+        if self.resolution <= 0 or self.resolution % 16:
+            raise OptionError(f"--resolution {self.resolution} is not a positive multiple of 16")
 
     @property
     def encoders(self) -> list[str]:
