@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["align", "storage", "train_step", "loader", "build"]
+BENCHES = ["align", "storage", "train_step", "jit_step", "loader", "build"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,8 +18,20 @@ Gaussian, heavy-tailed (Student t, 3 dof) and Gaussian with a few "massive activ
 (x30), the case that per-token scales handle worst. ``--features-from STORE`` measures the same on
 the features of a real store (its stored values are taken as the reference).
 
+Pixels (`irepa-cache build --pixels`, for JiT and REPA-E): does a lossless codec on the pixel
+array pay for its decode cost in the loader? Real photos (the bundled colour photos, ADM-cropped
+at ``--pixel-resolution``, cycled to ``--pixel-samples`` samples; each row is coded on its own, so
+cycling does not flatter the codecs) are written with ``StoreWriter`` next to one ViT-B feature
+array (fp16, as a JiT store holds them) in four stores: zarr raw, zarr + zstd (zarr's codec per
+row), webdataset raw, webdataset + PNG per sample. For each: pixel bytes and store bytes per
+sample, and the trainer's loader (``trainer.data.StoreLoader`` with ``inputs=("pixels",)``, as
+``--objective jit`` reads) in samples/s with 0 and W DataLoader workers, page cache warm and cold,
+timed from creating the loader to holding one epoch. The demand line is one H200 training
+JiT-B/16 at 256 px (FLOPs of the step at 40% of bf16 peak, ``bench.jit_step.jit_demand``).
+
     python -m bench.storage                      # real dims, S=4 samples per shard
     python -m bench.storage --features-from stores/dinov2-vit-b
+    python -m bench.storage --only-pixels --pixel-samples 512
 """
 
 from __future__ import annotations
@@ -51,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--features-from", default=None, metavar="STORE",
                    help="also measure int8 fidelity on the features of this (fp16/fp32) store")
     p.add_argument("--workdir", default=None, help="where to write the temporary stores (default: system temp)")
+    p.add_argument("--pixel-samples", type=int, default=256, help="samples per pixel store (default 256)")
+    p.add_argument("--pixel-resolution", type=int, default=256, help="ADM crop size of the pixel stores (default 256)")
+    p.add_argument("--pixel-workers", default=None, help="DataLoader workers for the pixel loader (default 0,<cpus>)")
+    p.add_argument("--only-pixels", action="store_true", help="run only the pixel-codec measurement")
+    p.add_argument("--no-pixels", action="store_true", help="skip the pixel-codec measurement")
     add_common_args(p, repeats=1, warmup=0)
     return p.parse_args(argv)
 
@@ -236,12 +253,162 @@ def features_from_store(path: str, n: int) -> tuple[str, np.ndarray]:
     return f"{enc} ({Path(path).name})", np.asarray(r.get_batch(np.arange(n))["features"][enc], dtype=np.float32)
 
 
+# ----------------------------------------------------------------------------- pixels
+
+PIXEL_CASES = [("zarr", "none"), ("zarr", "zstd"), ("wds", "none"), ("wds", "png")]
+
+
+def colour_crops(resolution: int) -> list[np.ndarray]:
+    """The bundled photos that are in colour, ADM-cropped to ``resolution``, as uint8 [3, R, R]
+    (ImageNet is ~98% colour; a grey photo stored as RGB compresses three times better)."""
+    from irepa.pipeline.sources import default_sample_source
+    from irepa.pipeline.transforms import decode_and_crop
+
+    src = default_sample_source()
+    out = []
+    for i in range(len(src)):
+        a = decode_and_crop(src.read_bytes(i), resolution)
+        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])):
+            out.append(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    return out
+
+
+def write_pixel_store(path: Path, fmt: str, codec: str, crops: list[np.ndarray], n: int, shard: int, dim: int) -> Path:
+    """A pixel-only store of ``n`` samples (crops cycled) with one fp16 feature array [n, T, dim]."""
+    from irepa.stores import StoreLayout, StoreWriter
+
+    R = crops[0].shape[-1]
+    side = max(1, R // 16)
+    layout = StoreLayout(num_rows=n, shard_size=shard, latent_channels2=0, latent_hw=(0, 0), pixel_hw=(R, R),
+                         pixel_codec=codec, encoders={"enc": (side * side, dim)})
+    info = {"dataset": {"source": "bench", "num_classes": 1000}, "image": {"resolution": R, "crop": "adm"},
+            "vae": None, "encoders": {"enc": {"timm_id": "bench", "token_grid": [side, side]}}}
+    keys = [f"n{1440764 + r % 1000:08d}/img_{r:06d}.JPEG" for r in range(n)]
+    w = StoreWriter.open(path, fmt, layout, keys, np.arange(n) % 1000, info, resume=False, overwrite=True)
+    rng = np.random.default_rng(0)
+    for s in w.pending_shards():
+        rows = w.shard_rows(s)
+        w.write_shard(s, {"pixels": np.stack([crops[r % len(crops)] for r in rows]),
+                          "features/enc": rng.normal(0, 1, (len(rows), side * side, dim)).astype(np.float32)})
+    w.finalize()
+    return path
+
+
+def pixel_loader_read(path: Path, workers: int, batch: int, samples: int) -> tuple[float, int]:
+    """Seconds from creating the trainer's loader (pixels + features, as --objective jit reads) to
+    holding ``samples`` samples (one epoch), worker start-up included."""
+    import time
+
+    from irepa.stores import open_store
+    from irepa.trainer.data import LoaderSpec, StoreLoader
+
+    reader = open_store(path)
+    n_batches = max(1, samples // batch)
+    kind = reader.loader_kind
+    counts = reader.shard_sample_counts() if kind == "stream" else None
+    t0 = time.perf_counter()
+    loader = StoreLoader(path, kind=kind, num_samples=len(reader), spec=LoaderSpec(global_batch=batch, seed=0),
+                         encoders=["enc"], steps=n_batches, num_workers=workers, shard_counts=counts,
+                         inputs=("pixels",))
+    it = iter(loader)
+    got = 0
+    for _ in range(n_batches):
+        got += int(next(it)["pixels"].shape[0])
+    dt = time.perf_counter() - t0
+    del it
+    return dt, got
+
+
+def pixel_bench(args, work: Path) -> tuple[dict, list]:
+    """Bytes and loader speed of the pixel codecs (see the module docstring); the records and ratios."""
+    import statistics
+
+    from bench.jit_step import jit_demand
+    from bench.loader import drop_cache, plain_read, store_files
+    from irepa.stores import array_bytes
+
+    R, N, dim, batch, shard = args.pixel_resolution, args.pixel_samples, 768, 32, 64
+    workers = [int(w) for w in args.pixel_workers.split(",")] if args.pixel_workers else [0, min(8, os.cpu_count() or 1)]
+    if args.smoke:
+        R, N, dim, batch, shard, workers = 32, 16, 24, 4, 8, [0, 1]
+    crops = colour_crops(R)
+    print(f"\n# pixel stores: {N} samples of {len(crops)} colour photos ADM-cropped to {R} px, + features "
+          f"{(R // 16) ** 2}x{dim} fp16, {shard} per shard; loader batch {batch}, workers {workers}")
+    records = []
+    for fmt, codec in PIXEL_CASES:
+        p = write_pixel_store(work / f"px-{fmt}-{codec}", fmt, codec, crops, N, shard, dim)
+        files = store_files(p)
+        store_b = sum(f.stat().st_size for f in files)
+        px_b = array_bytes(p)["pixels"]
+        for cache in ("warm", "cold"):
+            for w in workers:
+                times = []
+                for _ in range(max(1, args.repeats)):
+                    drop_cache(files) if cache == "cold" else plain_read(files)
+                    dt, got = pixel_loader_read(p, w, batch, N)
+                    times.append(dt)
+                dt = statistics.median(times)
+                records.append(dict(format=fmt, codec=codec, cache=cache, workers=w, samples=got, seconds=dt,
+                                    samples_per_s=got / dt, pixel_bytes_per_sample=px_b / N,
+                                    store_bytes_per_sample=store_b / N))
+        shutil.rmtree(p)
+    raw_px = 3 * R * R
+    demand, how = jit_demand()
+    rows = []
+    for r in records:
+        base = next(b for b in records if b["format"] == r["format"] and b["codec"] == "none"
+                    and b["cache"] == r["cache"] and b["workers"] == r["workers"])
+        rows.append([r["format"], r["codec"], r["cache"], r["workers"], fmt_bytes(r["pixel_bytes_per_sample"]),
+                     f"{r['pixel_bytes_per_sample'] / raw_px:.3f}", fmt_bytes(r["store_bytes_per_sample"]),
+                     f"{r['samples_per_s']:.0f}", f"{r['samples_per_s'] / base['samples_per_s']:.2f}"])
+    print_table(["format", "pixel codec", "page cache", "workers", "pixel bytes/sample", "of raw uint8",
+                 "store bytes/sample", "loader samples/s", "vs codec none"], rows,
+                title=f"Pixel codecs: bytes and loader speed ({R} px, pixels + one ViT-B fp16 feature array)")
+    print(f"demand: one H200 training JiT-B/16 at 256 px consumes {demand:.0f} img/s ({how})")
+    ratios = []
+    for fmt, codec in PIXEL_CASES:
+        if codec == "none":
+            continue
+        for cache in ("warm", "cold"):
+            best = lambda c: max((r for r in records if r["format"] == fmt and r["codec"] == c  # noqa: E731
+                                  and r["cache"] == cache), key=lambda r: r["samples_per_s"])
+            b, c = best("none"), best(codec)
+            ratios.append((f"{fmt} {cache}: {codec}/none loader samples/s (best workers)",
+                           c["samples_per_s"] / b["samples_per_s"], "> 1: the codec pays for its decode"))
+        r0 = next(r for r in records if r["format"] == fmt and r["codec"] == codec)
+        b0 = next(r for r in records if r["format"] == fmt and r["codec"] == "none")
+        ratios.append((f"{fmt}: {codec}/none pixel bytes", r0["pixel_bytes_per_sample"] / b0["pixel_bytes_per_sample"],
+                       "bytes saved on the pixel array"))
+        ratios.append((f"{fmt}: {codec}/none store bytes", r0["store_bytes_per_sample"] / b0["store_bytes_per_sample"],
+                       "of the whole store (features included)"))
+    for fmt, codec in PIXEL_CASES:
+        for cache in ("warm", "cold"):
+            best = max((r for r in records if r["format"] == fmt and r["codec"] == codec and r["cache"] == cache),
+                       key=lambda r: r["samples_per_s"])
+            ratios.append((f"{fmt} {codec} {cache}: loader samples/s / one-GPU JiT-B/16 demand",
+                           best["samples_per_s"] / demand, f"{best['workers']} workers"))
+    per_sample = {f"{r['format']}-{r['codec']}": r["store_bytes_per_sample"] for r in records}
+    print("ImageNet-1k pixel-store size (pixels + one ViT-B fp16 array, this resolution): "
+          + ", ".join(f"{k} {fmt_bytes(v * IMAGENET)}" for k, v in per_sample.items()))
+    return dict(resolution=R, samples=N, workers=workers, demand=demand, records=records), ratios
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     setup(args)
+    if args.only_pixels:
+        work = Path(tempfile.mkdtemp(prefix="irepa-bench-storage-", dir=args.workdir))
+        try:
+            pixels, ratios = pixel_bench(args, work)
+            print_ratios(ratios)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        payload = dict(bench="storage", pixels=pixels)
+        write_json(args.json, payload)
+        return payload
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     S = args.samples_per_shard
     encoders, resolutions = dict(ENCODERS), dict(RESOLUTIONS)
@@ -313,10 +480,14 @@ def main(argv=None) -> dict:
             ratios.append(("mean cosine int8 vs stored (real store)", fid[-1]["int8_mean"], "goal >= 0.999"))
         ratios.append(("max |d alignment loss| int8", max(max(abs(f["repa_d_int8"]), abs(f["irepa_d_int8"])) for f in fid),
                        "absolute change of the loss value"))
+        pixels = None
+        if not args.no_pixels:
+            pixels, more = pixel_bench(args, work)
+            ratios += more
         print_ratios(ratios)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    payload = dict(bench="storage", samples_per_shard=S, records=records, fidelity=fid)
+    payload = dict(bench="storage", samples_per_shard=S, records=records, fidelity=fid, pixels=pixels)
     write_json(args.json, payload)
     return payload
 

@@ -67,9 +67,11 @@ def effective_precision(device: torch.device, precision: str) -> str:
 class ShardAccumulator:
     """Collects per-row model outputs until a shard is complete, then hands it to the writer."""
 
-    def __init__(self, writer: StoreWriter, array_shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, writer: StoreWriter, array_shapes: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, np.dtype] | None = None):
         self.writer = writer
         self.array_shapes = array_shapes
+        self.dtypes = dtypes or {}  # float32 unless named here (pixels: uint8)
         self.current: int | None = None
         self.rows: range = range(0)
         self.arrays: dict[str, np.ndarray] = {}
@@ -80,7 +82,7 @@ class ShardAccumulator:
         self.current = shard
         self.rows = self.writer.shard_rows(shard)
         n = len(self.rows)
-        self.arrays = {k: np.zeros((n, *s), dtype=np.float32) for k, s in self.array_shapes.items()}
+        self.arrays = {k: np.zeros((n, *s), dtype=self.dtypes.get(k, np.float32)) for k, s in self.array_shapes.items()}
         self.skipped = []
         self.filled = 0
 
@@ -118,9 +120,13 @@ def _encode_batch(
     with_cls: bool,
     prefix: str = "",
     precision: str = "bf16",
+    pixels: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Run the VAE and every encoder on one uint8 batch; float32 numpy arrays keyed by store name."""
+    """Run the VAE and every encoder on one uint8 batch; float32 numpy arrays keyed by store name
+    (plus the uint8 batch itself as "pixels" when `pixels`)."""
     out: dict[str, np.ndarray] = {}
+    if pixels:  # the exact uint8 crop the models below see
+        out["pixels"] = images.numpy()
     images = images.to(device, non_blocking=True)
     with torch.inference_mode(), encoder_autocast(device, precision):
         if vae is not None:
@@ -137,7 +143,7 @@ def _encode_batch(
 
 
 def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
-                      flip: bool, feature_dtype: str, preprocess: str = "irepa") -> bool:
+                      flip: bool, feature_dtype: str, preprocess: str = "irepa", pixels: str | None = None) -> bool:
     """True when `out` is a finished store of this dataset with these encoders and options, so a
     rerun can stop before loading any model. Anything else goes through the writer's checks."""
     from irepa.stores import read_manifest
@@ -152,6 +158,7 @@ def _already_complete(out: str, fingerprint: str, encoders: list[str], resolutio
         and m["image"].get("resolution") == resolution
         and m.get("format") == format
         and bool(m.get("flip")) == flip
+        and (m.get("pixels") or {}).get("codec") == pixels  # the pixel codec, None without pixels
         and all(e.get("feature_dtype") == feature_dtype for e in m["encoders"].values())
         # stores written before preprocessing profiles existed hold native-profile features
         and all((e.get("preprocess") or {}).get("profile", "native") == preprocess for e in m["encoders"].values())
@@ -177,6 +184,8 @@ def _check_latents_from(path: str, fingerprint: str, resolution: int, flip: bool
         )
     if flip and not other.has_flip:
         raise StoreError(f"--latents-from {path}: this build asks for --flip but that store has no flipped latents")
+    if other.latent_shape is None:
+        raise StoreError(f"--latents-from {path}: that store holds no latents (it was built with --vae none)")
     if other.manifest.get("latents_from"):
         raise StoreError(f"--latents-from {path}: that store borrows its latents too; point at the store that holds them")
     return other.manifest
@@ -221,7 +230,8 @@ def _build(cfg: BuildConfig) -> Path:
     if cfg.repair and dist.rank == 0:
         repair_store(out)
     if cfg.resume and not (cfg.repair or cfg.overwrite) and _already_complete(
-            out, fingerprint, encoder_names, resolution, fmt, flip, feature_dtype, cfg.preprocess):
+            out, fingerprint, encoder_names, resolution, fmt, flip, feature_dtype, cfg.preprocess,
+            cfg.pixel_codec if cfg.pixels else None):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
@@ -243,13 +253,16 @@ def _build(cfg: BuildConfig) -> Path:
         .to(dev)
         for name in encoder_names
     }
-    vae_model = None if borrowed else load_vae(vae_name).eval().to(dev)
+    no_vae = vae_name == "none"  # a pixel-only store (--pixels --vae none)
+    vae_model = None if (borrowed or no_vae) else load_vae(vae_name).eval().to(dev)
 
     if borrowed:
         # rows must line up shard for shard with the store that holds the latents
         shard_size = int(borrowed["shard_size"])
         vae_info = dict(borrowed["vae"])
         lat_c2, lat_h, lat_w = borrowed["arrays"]["latents"]["shape"][1:]
+    elif no_vae:
+        vae_info, lat_c2, lat_h, lat_w = None, 0, 0, 0
     else:
         down = vae_model.downsample
         vae_info = {
@@ -273,6 +286,8 @@ def _build(cfg: BuildConfig) -> Path:
         with_cls=with_cls,
         flip=flip,
         write_latents=borrowed is None,
+        pixel_hw=(resolution, resolution) if cfg.pixels else None,
+        pixel_codec=cfg.pixel_codec,
     )
     info = {
         "dataset": {
@@ -317,15 +332,15 @@ def _build(cfg: BuildConfig) -> Path:
     mine = [s for s in writer.pending_shards() if s % dist.world_size == dist.rank]
     batches = shard_batches(writer, mine, cfg.batch_size)
 
-    array_shapes: dict[str, tuple[int, ...]] = {}
+    array_shapes: dict[str, tuple[int, ...]] = {"pixels": (3, resolution, resolution)} if cfg.pixels else {}
     for prefix in ("", "flip/") if flip else ("",):
-        if borrowed is None:
+        if borrowed is None and vae_model is not None:
             array_shapes[prefix + "latents"] = (lat_c2, lat_h, lat_w)
         for name, (tokens, dim) in layout.encoders.items():
             array_shapes[f"{prefix}features/{name}"] = (tokens, dim)
             if with_cls:
                 array_shapes[f"{prefix}cls/{name}"] = (dim,)
-    acc = ShardAccumulator(writer, array_shapes)
+    acc = ShardAccumulator(writer, array_shapes, {"pixels": np.dtype(np.uint8)})
 
     loader = DataLoader(
         DecodeDataset(source, resolution),
@@ -349,7 +364,8 @@ def _build(cfg: BuildConfig) -> Path:
         outputs: dict[str, np.ndarray] = {}
         if ok.any():
             good_images = batch["image"][torch.from_numpy(ok)]
-            outputs = _encode_batch(good_images, vae_model, encoders, dev, with_cls, precision=precision)
+            outputs = _encode_batch(good_images, vae_model, encoders, dev, with_cls, precision=precision,
+                                    pixels=cfg.pixels)
             if flip:
                 outputs.update(
                     _encode_batch(torch.flip(good_images, dims=[-1]), vae_model, encoders, dev, with_cls,

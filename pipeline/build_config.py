@@ -31,8 +31,8 @@ class BuildConfig:
                                    "`irepa-cache build --encoder siglip` writes stores/siglip)", metavar="DIR")
     encoder: list[str] | None = option(None, f"registry name(s) or raw timm ids, comma separated (default "
                                              f"{DEFAULT_ENCODER}); all run on the same decoded batch", metavar="A,B")
-    vae: str | None = option(None, f"diffusers AutoencoderKL hub id or local folder (default {DEFAULT_VAE}), or tiny",
-                             metavar="ID")
+    vae: str | None = option(None, f"diffusers AutoencoderKL hub id or local folder (default {DEFAULT_VAE}), tiny, "
+                                   "or none (no latents: a pixel-only store, with --pixels)", metavar="ID")
     resolution: int = option(256, "ADM center-crop size (256 or 512)")
     encoder_config: str | None = option(None, "tiny: a reduced random-initialised encoder (tests, demos)",
                                         choices=("tiny",))
@@ -41,6 +41,11 @@ class BuildConfig:
     latents_from: str | None = option(None, "reuse this store's VAE latents (same dataset and resolution); "
                                             "run only the encoders", metavar="STORE")
     flip: bool = option(False, "also store the horizontally flipped view")
+    pixels: bool = option(False, "also store the exact uint8 ADM crop the encoders saw, [3, H, W] per sample "
+                                 "(pixel-space objectives: --objective jit, repae); one copy, flipped on the fly")
+    pixel_codec: str = option("none", "codec of the stored pixels: none (raw rows, the default: fastest to read, "
+                                      "see docs/BENCHMARKS.md), zstd (zarr) or png (wds)",
+                              choices=("none", "zstd", "png"))
     feature_dtype: str = option("float16", "feature storage: float16, or int8 (per-token scale, half the bytes)",
                                 choices=("float16", "int8"))
     latent_dtype: str = option("float32", "posterior mean and std storage", choices=("float32", "float16"))
@@ -64,8 +69,25 @@ class BuildConfig:
     pretrained: bool = option(True, "load the encoders' pretrained weights (false: random init)", hidden=True)
     progress: bool = option(True, "show a progress bar")
 
+    def _check_pixels(self) -> None:
+        """--pixels, --pixel-codec and --vae none fit together and the backend has the codec."""
+        if self.vae == "none" and not self.pixels:
+            raise OptionError("--vae none stores no latents; add --pixels (a pixel-only store), or give a VAE")
+        if self.vae == "none" and self.latents_from:
+            raise OptionError("--vae none (no latents) and --latents-from (borrow latents) contradict each other")
+        if self.pixel_codec != "none" and not self.pixels:
+            raise OptionError(f"--pixel-codec {self.pixel_codec} needs --pixels")
+        if self.pixels:
+            from irepa.stores import get_backend
+
+            codecs = get_backend(self.format).pixel_codecs
+            if self.pixel_codec not in codecs:
+                raise OptionError(f"--pixel-codec {self.pixel_codec} is not available with --format {self.format} "
+                                  f"(it has {', '.join(codecs)})")
+
     def __post_init__(self) -> None:
         check_fields(self)
+        self._check_pixels()
         for name in ("shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")

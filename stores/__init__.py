@@ -29,6 +29,15 @@ format allows (zarr shard indexes, tar headers); `describe_store(...)["read_chec
 the store, array or member, row and file; readers and the trainer's loader take
 `on_damage="skip"` to leave damaged samples out and report them instead.
 
+Pixel stores (`irepa-cache build --pixels`): a `pixels` uint8 [N, 3, H, W] array, the exact ADM
+crop the encoders saw, channels first (what readers return and encoders take, so raw rows are read
+straight into a batch), stored once: readers mirror it for a flipped view. `--vae none` makes a
+pixel-only store (no latents; manifest `vae`/`latent_shape` null). The manifest's `pixels` entry
+(present only on pixel stores, so other manifests are unchanged) names the codec: "none" (raw rows,
+the default: bench.storage measured that a codec costs the loader more than it saves), "zstd"
+(zarr's codec per row) or "png" (one PNG member per webdataset sample). Nothing older stores hold
+changed, so pixel stores are format version 2 as well.
+
 A build holds `<store>/build.lock` (`StoreLock`): a second build on the same store fails at
 once naming the first; a lock left by a dead process is taken over with a message.
 """

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import StoreError
-from .manifest import FEATURE_DTYPES, LATENT_DTYPES
+from .manifest import FEATURE_DTYPES, LATENT_DTYPES, PIXEL_CODECS
 
 # zarr node names may not contain "/" or start with "__"; keep encoder names portable.
 _ENCODER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -20,7 +20,14 @@ class StoreLayout:
     """Shapes and options of a store; the writer derives every array from it.
 
     latent_channels2 is 2C (posterior mean and std stacked on channels), latent_hw the latent
-    grid, encoders maps encoder name -> (T, D) tokens and dim.
+    grid, encoders maps encoder name -> (T, D) tokens and dim. latent_channels2 = 0: a store
+    without latents (a pixel-only store, `--vae none`; latent_hw is then ignored).
+
+    pixel_hw (H, W): also store `pixels` [N, 3, H, W] uint8, the ADM crop the encoders saw,
+    channels first (the order readers return and encoders take, so a raw row is read straight
+    into a batch). One copy: the flipped view is made by readers, never stored. pixel_codec:
+    "none" (raw rows), "zstd" (zarr's zstd codec on each row, zarr only) or "png" (one PNG
+    member per sample, webdataset only); see docs/BENCHMARKS.md for why "none" is the default.
     """
 
     num_rows: int
@@ -33,6 +40,8 @@ class StoreLayout:
     with_cls: bool = False
     flip: bool = False
     write_latents: bool = True
+    pixel_hw: tuple[int, int] | None = None
+    pixel_codec: str = "none"
 
     def __post_init__(self) -> None:
         self.latent_hw = tuple(int(v) for v in self.latent_hw)  # type: ignore[assignment]
@@ -41,13 +50,27 @@ class StoreLayout:
             raise StoreError(f"StoreLayout: num_rows must be >= 0, got {self.num_rows}")
         if self.shard_size <= 0:
             raise StoreError(f"StoreLayout: shard_size must be > 0, got {self.shard_size}")
-        if self.latent_channels2 <= 0 or self.latent_channels2 % 2:
-            raise StoreError(
-                f"StoreLayout: latent_channels2 must be a positive even number (mean and std of C "
-                f"channels), got {self.latent_channels2}"
-            )
-        if len(self.latent_hw) != 2 or min(self.latent_hw) <= 0:
-            raise StoreError(f"StoreLayout: latent_hw must be (h, w) > 0, got {self.latent_hw}")
+        if self.pixel_hw is not None:
+            self.pixel_hw = tuple(int(v) for v in self.pixel_hw)  # type: ignore[assignment]
+            if len(self.pixel_hw) != 2 or min(self.pixel_hw) <= 0:
+                raise StoreError(f"StoreLayout: pixel_hw must be (H, W) > 0, got {self.pixel_hw}")
+        if self.pixel_codec not in PIXEL_CODECS:
+            raise StoreError(f"StoreLayout: pixel_codec must be one of {PIXEL_CODECS}, got {self.pixel_codec!r}")
+        if self.latent_channels2 == 0:  # no latents: a pixel-only store
+            if self.pixel_hw is None:
+                raise StoreError("StoreLayout: a store without latents (latent_channels2=0) must hold pixels "
+                                 "(pixel_hw); otherwise it has nothing to train on")
+            if not self.write_latents:
+                raise StoreError("StoreLayout: write_latents=False (latents borrowed from another store) needs "
+                                 "their latent_channels2 and latent_hw, not 0")
+        else:
+            if self.latent_channels2 < 0 or self.latent_channels2 % 2:
+                raise StoreError(
+                    f"StoreLayout: latent_channels2 must be a positive even number (mean and std of C "
+                    f"channels), got {self.latent_channels2}"
+                )
+            if len(self.latent_hw) != 2 or min(self.latent_hw) <= 0:
+                raise StoreError(f"StoreLayout: latent_hw must be (h, w) > 0, got {self.latent_hw}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise StoreError(f"StoreLayout: feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         if self.latent_dtype not in LATENT_DTYPES:
@@ -62,8 +85,23 @@ class StoreLayout:
                 raise StoreError(f"StoreLayout: encoder {name!r} needs T > 0 and D > 0, got ({t}, {d})")
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.latent_channels2, *self.latent_hw)
+    def has_latents(self) -> bool:
+        """Whether the store has latents (its own or borrowed with `--latents-from`)."""
+        return self.latent_channels2 > 0
+
+    @property
+    def stores_latents(self) -> bool:
+        """Whether this store writes a `latents` array itself."""
+        return self.has_latents and self.write_latents
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        return (self.latent_channels2, *self.latent_hw) if self.has_latents else None
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int] | None:
+        """(3, H, W) of the stored pixels, or None."""
+        return (3, *self.pixel_hw) if self.pixel_hw is not None else None
 
     @property
     def num_shards(self) -> int:
@@ -76,9 +114,11 @@ class StoreLayout:
             "labels": ((n,), "int64"),
             "keys": ((n,), "string"),
         }
+        if self.pixel_hw is not None:  # one copy: readers flip it for the flipped view
+            specs["pixels"] = ((n, 3, *self.pixel_hw), "uint8")
         views = [""] + (["flip/"] if self.flip else [])
         for v in views:
-            if self.write_latents:
+            if self.stores_latents:
                 specs[f"{v}latents"] = ((n, *self.latent_shape), self.latent_dtype)
             for enc, (t, d) in self.encoders.items():
                 specs[f"{v}features/{enc}"] = ((n, t, d), self.feature_dtype)

@@ -31,6 +31,8 @@ FORMATS = ("zarr", "wds")
 STATES = ("building", "complete")
 FEATURE_DTYPES = ("float16", "int8")
 LATENT_DTYPES = ("float32", "float16")
+#: codecs of the pixel array: raw rows, zarr's zstd codec per row (zarr), one PNG per sample (webdataset)
+PIXEL_CODECS = ("none", "zstd", "png")
 
 
 def escape_key(key: str) -> str:

@@ -5,6 +5,13 @@ back as float32 (int8 stores are dequantised), or as `features_dtype` where a me
 (float16 keeps an fp16 store's bytes as they are: loaders upcast on the device), latents as
 float32 [2C, h, w]. A store built with `--latents-from` reads its latents from the store its
 manifest points at, after checking that store's dataset fingerprint, row count and resolution.
+A pixel-only store (`--vae none`) has no latents: `latent_shape` is None and no latents are read.
+
+Pixel stores (`--pixels`) hold `pixels` uint8 [N, 3, H, W], the ADM crop the encoders saw, once:
+where a flipped view is asked for (`get_batch(flip=...)`), the reader mirrors the stored crop
+horizontally, which is the image the stored flipped features were computed from. `iter_shard`
+samples carry the stored crop only (`"pixels"`); the trainer's loader mirrors it for the samples
+whose flipped view it picks (`trainer.data.collate_samples`).
 
 Every read is checked as far as the store's format allows (`read_checks` says how; format 2:
 a crc32c for every byte handed out), and a file the manifest lists must exist. Damage raises
@@ -110,17 +117,25 @@ class StoreReader:
         self._bad_rows: dict[int, str] = {}  # rows whose labels/keys chunk is damaged (skip mode)
         self._tar_index: tuple[int, dict] | None = None
 
+        # pixels (one copy; flipped views are mirrored on read)
+        px = m["arrays"].get("pixels")
+        #: (3, H, W) of the stored pixels, or None
+        self.pixel_shape: tuple[int, int, int] | None = tuple(int(v) for v in px["shape"][1:]) if px else None
+        #: how the pixel array is encoded ("none", "zstd", "png"); None without pixels
+        self.pixel_codec: str | None = (m.get("pixels") or {}).get("codec", "none") if px else None
+        self.has_flip: bool = bool(m["flip"])
+
         # where the latents live
         self._latent_source: StoreReader | None = None
+        #: (2C, h, w) of the latents (posterior mean and std on channels), or None (a pixel-only store)
+        self.latent_shape: tuple[int, int, int] | None = None
         if m["latents_from"] is not None:
             self._latent_source = self._open_latent_source(latents_from)
             self.latent_shape = self._latent_source.latent_shape
-            self.has_flip = bool(m["flip"])
-        else:
-            if "latents" not in m["arrays"]:
-                raise StoreError(f"store {self.path}: manifest lists no 'latents' array and no latents_from")
-            self.latent_shape: tuple[int, int, int] = tuple(m["arrays"]["latents"]["shape"][1:])
-            self.has_flip: bool = bool(m["flip"])
+        elif "latents" in m["arrays"]:
+            self.latent_shape = tuple(m["arrays"]["latents"]["shape"][1:])
+        elif self.pixel_shape is None:
+            raise StoreError(f"store {self.path}: manifest lists no 'latents' array, no latents_from and no pixels")
 
     # ------------------------------------------------------------------ latents_from
 
@@ -166,8 +181,19 @@ class StoreReader:
         return int(len(self._rows))
 
     def __repr__(self) -> str:
+        px = f", pixels={self.pixel_shape}" if self.pixel_shape else ""
         return (f"StoreReader({str(self.path)!r}, format={self.format}, samples={len(self)}, "
-                f"encoders={self.encoders}, flip={self.has_flip})")
+                f"encoders={self.encoders}, flip={self.has_flip}{px})")
+
+    @property
+    def has_latents(self) -> bool:
+        """Whether samples have latents (stored here or in the `--latents-from` store)."""
+        return self.latent_shape is not None
+
+    @property
+    def has_pixels(self) -> bool:
+        """Whether the store holds the ADM-cropped pixels (`irepa-cache build --pixels`)."""
+        return self.pixel_shape is not None
 
     @property
     def rows(self) -> np.ndarray:
@@ -292,8 +318,9 @@ class StoreReader:
                 put(out["cls"], enc, read(self._za, f"{pre}cls/{enc}"))
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, flip: Sequence[bool] | np.ndarray | None = None,
-                  encoders: Sequence[str] | None = None, with_latents: bool = True,
-                  with_keys: bool = True, features_dtype: Any = np.float32) -> dict:
+                  encoders: Sequence[str] | None = None, with_latents: bool | None = None,
+                  with_keys: bool = True, features_dtype: Any = np.float32,
+                  with_pixels: bool | None = None) -> dict:
         """Samples `indices` as one batch (random-access stores).
 
         Returns {"index" int64[B], "label" int64[B], "key" list[str], "latents" float32[B, 2C, h, w],
@@ -302,8 +329,15 @@ class StoreReader:
         `features_dtype=np.float16` skips the CPU upcast (about half the time of a batch) for
         loaders that convert on the GPU. With on_damage="skip", damaged samples are left out of
         every array and the batch has "damaged": [one-line message per sample left out].
+
+        Pixel stores add "pixels" uint8 [B, 3, H, W]: the stored crop, mirrored horizontally
+        where `flip` is True (the image the flipped features were computed from).
+        `with_latents` / `with_pixels`: read them (True: the store must have them), skip them
+        (False), or None (default): read them when the store has them.
         """
         self._need_zarr("get_batch")
+        with_latents = self._want("latents", with_latents, self.has_latents, "was built with --vae none")
+        with_pixels = self._want("pixels", with_pixels, self.has_pixels, "was built without --pixels")
         idx = self._check_indices(indices)
         rows = self._rows[idx]
         b = len(idx)
@@ -338,6 +372,8 @@ class StoreReader:
             sel = np.flatnonzero(fl == view)
             if len(sel):
                 self._read_view(rows[sel], view, encs, with_latents, out, sel, bad)
+        if with_pixels:
+            out["pixels"] = self._read_pixels(rows, fl, bad)
         if bad is None:
             return out
         keep = np.ones(b, dtype=bool)
@@ -345,6 +381,21 @@ class StoreReader:
         msgs = [bad[j] for j in sorted(bad)]
         self.damaged.extend(msgs)
         return _take(out, keep, msgs)
+
+    def _want(self, what: str, asked: bool | None, present: bool, why: str) -> bool:
+        if asked and not present:
+            raise StoreError(f"store {self.path} holds no {what} (it {why})")
+        return present if asked is None else bool(asked)
+
+    def _read_pixels(self, rows: np.ndarray, flip: np.ndarray, bad: dict[int, str] | None) -> np.ndarray:
+        """uint8 [B, 3, H, W] of these rows (one read, in order), mirrored where `flip`."""
+        damaged: list[tuple[int, str]] | None = [] if bad is not None else None
+        px = _read_rows(self._za, "pixels", rows, damaged)
+        for j, msg in damaged or ():
+            bad.setdefault(int(j), msg)
+        if flip.any():
+            px[flip] = px[flip][..., ::-1]
+        return px
 
     def __getitem__(self, i: int) -> dict:
         """One sample (same keys as get_batch, without the batch dimension)."""
@@ -359,11 +410,14 @@ class StoreReader:
 
     # ------------------------------------------------------------------ sequential access
 
-    def iter_shard(self, shard: int, features_dtype: Any = np.float32, lazy: bool = False) -> Iterator[dict]:
+    def iter_shard(self, shard: int, features_dtype: Any = np.float32, lazy: bool = False,
+                   with_latents: bool | None = None) -> Iterator[dict]:
         """Samples of one shard in row order (both backends).
 
         Each sample: index, row, label, key, latents, features{enc} (+ cls{enc}), and with flip
-        latents_flip, features_flip{enc} (+ cls_flip{enc}). Features are `features_dtype`
+        latents_flip, features_flip{enc} (+ cls_flip{enc}); pixel stores add "pixels" (the stored
+        crop only: a flipped view mirrors it). `with_latents=False` leaves latents out (a
+        `--latents-from` store then never reads the other store). Features are `features_dtype`
         (np.float16: an fp16 store's arrays without conversion; int8 dequantises into it).
         webdataset shards are read with one read per sample (`wds_backend.iter_local`); their
         arrays may be views of that sample's buffer. The samples must be the shard's valid rows.
@@ -379,14 +433,17 @@ class StoreReader:
             raise StoreError(f"store {self.path}: shard {shard} out of range [0, {self.num_shards})")
         if shard not in self._done_shards:
             raise StoreError(f"store {self.path}: shard {shard} is not finished")
+        with_latents = self._want("latents", with_latents, self.has_latents, "was built with --vae none")
         if self.random_access:
-            yield from self._iter_zarr_shard(shard, features_dtype=features_dtype)
+            yield from self._iter_zarr_shard(shard, features_dtype=features_dtype, with_latents=with_latents)
         else:
             p = self.shard_path(shard)
-            it = self._decoded(wds_backend.iter_local(p, lazy=lazy), f"shard file {p}", features_dtype)
-            yield from self._with_source_latents(self._check_rows(it, shard, p), shard, lazy)
+            it = self._decoded(wds_backend.iter_local(p, lazy=lazy), f"shard file {p}", features_dtype, lazy)
+            it = self._check_rows(it, shard, p)
+            yield from (self._with_source_latents(it, shard, lazy) if with_latents else _without_latents(it))
 
-    def _decoded(self, raw: Iterator[tuple[str, dict]], where: str, features_dtype: Any) -> Iterator[dict]:
+    def _decoded(self, raw: Iterator[tuple[str, dict]], where: str, features_dtype: Any,
+                 lazy: bool = False) -> Iterator[dict]:
         """Decode (and check) raw samples; in skip mode damaged samples are recorded and left out,
         and a broken tar structure ends the shard."""
         while True:
@@ -401,7 +458,7 @@ class StoreReader:
                 self.damaged.append(f"{msg}; the rest of this shard is skipped")
                 return
             try:
-                s = self.decode_sample(k, r, where=where, features_dtype=features_dtype)
+                s = self.decode_sample(k, r, where=where, features_dtype=features_dtype, lazy=lazy)
             except DamagedData as e:
                 if not self._skip():
                     raise
@@ -437,18 +494,19 @@ class StoreReader:
                 raise DamagedData(msg)
             self.damaged.append(msg)
 
-    def _iter_zarr_shard(self, shard: int, block: int = 256, features_dtype: Any = np.float32) -> Iterator[dict]:
+    def _iter_zarr_shard(self, shard: int, block: int = 256, features_dtype: Any = np.float32,
+                         with_latents: bool = True) -> Iterator[dict]:
         m = self.manifest
         r = shard_range(shard, m["num_rows"], m["shard_size"])
         lat_src = self._latent_source._za if self._latent_source is not None else self._za
         it = (s for start in range(r.start, r.stop, block)
-              for s in self._zarr_block(start, min(start + block, r.stop), lat_src, features_dtype))
-        if lat_src is None:  # latents from a webdataset store
+              for s in self._zarr_block(start, min(start + block, r.stop), lat_src, features_dtype, with_latents))
+        if with_latents and lat_src is None:  # latents from a webdataset store
             it = self._with_source_latents(it, shard)
         yield from it
 
     def _zarr_block(self, start: int, stop: int, lat_src: ZarrArrays | None,
-                    features_dtype: Any = np.float32) -> list[dict]:
+                    features_dtype: Any = np.float32, with_latents: bool = True) -> list[dict]:
         """Samples of rows [start, stop): one read per array (a shard is read block by block)."""
         m, za = self.manifest, self._za
         views = [("", "")] + ([("flip/", "_flip")] if self.has_flip else [])
@@ -463,8 +521,10 @@ class StoreReader:
                 bad.setdefault(start + j, msg)
             return got
 
+        if self.has_pixels:
+            data["pixels"] = read(za, "pixels")
         for v, _ in views:
-            if lat_src is not None:
+            if with_latents and lat_src is not None:
                 data[f"{v}latents"] = read(lat_src, f"{v}latents")
             for e in self.encoders:
                 f = read(za, f"{v}features/{e}")
@@ -487,6 +547,8 @@ class StoreReader:
                 self.damaged.append(msg)
                 continue
             s: dict[str, Any] = {"index": index, "row": row, "label": int(labels[j]), "key": str(keys[j])}
+            if "pixels" in data:
+                s["pixels"] = data["pixels"][j]
             for v, suf in views:
                 if f"{v}latents" in data:
                     s[f"latents{suf}"] = data[f"{v}latents"][j].astype(np.float32)
@@ -543,7 +605,8 @@ class StoreReader:
             where = f"shard file {local}" if local else f"webdataset stream {u}"
             yield from self._decoded(raw, where, features_dtype)
 
-    def decode_sample(self, key: str, raw: dict[str, Any], where: str = "", features_dtype: Any = np.float32) -> dict:
+    def decode_sample(self, key: str, raw: dict[str, Any], where: str = "", features_dtype: Any = np.float32,
+                      lazy: bool = False) -> dict:
         """Turn one webdataset sample ({suffix: bytes or uint8 array}) into the reader's sample dict.
 
         npy members are decoded as views of their bytes (no copy where the dtype is already the
@@ -551,7 +614,9 @@ class StoreReader:
         given as `wds_backend.LazyArray`s stay lazy (with the same dtypes when read).
 
         Format 2 stores: every member's crc32c is checked against the sample's
-        `<key>.crc32c.json` (lazy members when they are read); damage raises DamagedData."""
+        `<key>.crc32c.json` (lazy members when they are read); damage raises DamagedData.
+        Pixels: `<key>.pixels.npy` like the other arrays, or `<key>.pixels.png` decoded after its
+        checksum (lazy: a `wds_backend.PngPixels` decoded when the batch reads it)."""
         base = f"store {self.path}: {where}" if where else f"store {self.path}:"
         where = f"store {self.path} {where} sample {key}"
         try:
@@ -588,7 +653,7 @@ class StoreReader:
         }
         views = [("", "")] + ([("flip.", "_flip")] if self.has_flip else [])
         for pre, suf in views:
-            if self._latent_source is None:
+            if self._latent_source is None and self.latent_shape is not None:
                 s[f"latents{suf}"] = npy(f"{pre}latents.npy").astype(np.float32, copy=False)
             feats, cls = {}, {}
             for e in self.encoders:
@@ -604,8 +669,15 @@ class StoreReader:
             s[f"features{suf}"] = feats
             if cls:
                 s[f"cls{suf}"] = cls
+        if self.pixel_codec == "none":
+            s["pixels"] = npy("pixels.npy")
         if sums is not None:
             wds_backend.check_members(key, raw, sums, base)
+        if self.pixel_codec == "png":  # decoded only after its bytes passed their checksum
+            png = take("pixels.png")
+            at = f"{where} (row {row}) member '{key}.pixels.png'"
+            s["pixels"] = (wds_backend.PngPixels(bytes(png), self.pixel_shape, at) if lazy
+                           else wds_backend.decode_png(png, self.pixel_shape, at))
         return s
 
     def _wds_sample(self, row: int) -> dict:
@@ -675,6 +747,13 @@ def _zip_latents(it: Iterator[dict], src: Iterator[dict], path: Path, skip: bool
         for k in ("latents", "latents_flip"):
             if k in cur:
                 s[k] = cur[k]
+        yield s
+
+
+def _without_latents(it: Iterator[dict]) -> Iterator[dict]:
+    for s in it:
+        s.pop("latents", None)
+        s.pop("latents_flip", None)
         yield s
 
 

@@ -239,6 +239,7 @@ def describe_store(path: str | os.PathLike) -> dict:
         "vae": m["vae"],
         "latent_stats": m["latent_stats"],
         "latents_from": m["latents_from"],
+        "pixels": m.get("pixels"),
         # stores written before preprocessing profiles existed hold features of the encoders' native profile
         "encoders": {n: e if e.get("preprocess") else {**e, "preprocess": {"profile": "native"}}
                      for n, e in m["encoders"].items()},
@@ -263,6 +264,12 @@ def format_description(d: dict, max_skipped: int = 10) -> str:
         add(f"    {k:<{width}}  {str(tuple(a['shape'])):<24} {a['dtype']}")
     if d["latents_from"]:
         add(f"    {'latents':<{width}}  read from {d['latents_from']['path']} (not stored here)")
+    elif "latents" not in d["arrays"]:
+        add(f"    {'latents':<{width}}  none (a pixel-only store, built with --vae none)")
+    px = d.get("pixels")
+    if px:
+        add(f"  pixels: {px.get('crop', 'adm')} crop as the encoders saw it, uint8 "
+            f"{px.get('order', 'CHW')}, codec {px.get('codec', 'none')}; flipped view mirrored on read, not stored")
     add(f"  read-time checks (format v{d['format_version']}):")
     for c in d.get("read_checks") or []:
         add(f"    - {c}")
@@ -279,7 +286,8 @@ def format_description(d: dict, max_skipped: int = 10) -> str:
     add("  provenance:")
     add(f"    dataset: {_kv(d['dataset'])}")
     add(f"    image: {_kv(d['image'])}")
-    add(f"    vae: {_kv(d['vae'])}")
+    no_latents = not d["latents_from"] and "latents" not in d["arrays"]
+    add(f"    vae: {'none (no latents)' if no_latents and not d['vae'] else _kv(d['vae'])}")
     if d["latents_from"]:
         add(f"    latents from: {d['latents_from']['path']} (fingerprint {d['latents_from']['fingerprint'][:16]}...)")
     ls = d["latent_stats"]

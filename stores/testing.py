@@ -21,7 +21,7 @@ def synthetic_arrays(layout: StoreLayout, rows: range, seed: int = 0) -> dict[st
         rng = np.random.default_rng([seed, row])
         views = [""] + (["flip/"] if layout.flip else [])
         for v in views:
-            if layout.write_latents:
+            if layout.stores_latents:
                 mean = rng.normal(0.0, 1.0, (c, h, w)) + np.arange(c)[:, None, None] * 0.5
                 std = rng.uniform(0.05, 0.5, (c, h, w))
                 out.setdefault(f"{v}latents", []).append(np.concatenate([mean, std]).astype(np.float32))
@@ -29,6 +29,8 @@ def synthetic_arrays(layout: StoreLayout, rows: range, seed: int = 0) -> dict[st
                 out.setdefault(f"{v}features/{enc}", []).append(rng.normal(0, 1, (t, d)).astype(np.float32))
                 if layout.with_cls:
                     out.setdefault(f"{v}cls/{enc}", []).append(rng.normal(0, 1, (d,)).astype(np.float32))
+        if layout.pixel_hw is not None:  # drawn last: the other arrays keep their values
+            out.setdefault("pixels", []).append(rng.integers(0, 256, (3, *layout.pixel_hw), dtype=np.uint8))
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -50,6 +52,8 @@ def _synthetic(
     skipped_rows: Iterable[int] = (),
     latent_dtype: str = "float32",
     resume: bool = False,
+    pixel_hw: tuple[int, int] | None = None,
+    pixel_codec: str = "none",
 ) -> list[int]:
     """Write (resume=False: from scratch) or resume a synthetic store; the shards written."""
     encoders = {"tiny": 32} if encoders is None else dict(encoders)
@@ -59,6 +63,8 @@ def _synthetic(
         num_rows=num_samples,
         shard_size=shard_size,
         latent_channels2=2 * latent_channels,
+        pixel_hw=pixel_hw,
+        pixel_codec=pixel_codec,
         latent_hw=lhw,
         encoders={e: (gh * gw, d) for e, d in encoders.items()},
         feature_dtype=feature_dtype,
@@ -71,9 +77,9 @@ def _synthetic(
     info = {
         "dataset": {"source": "synthetic", "num_classes": num_classes,
                     "class_names": [f"class{i:03d}" for i in range(num_classes)]},
-        "image": {"resolution": 8 * lhw[0], "crop": "adm"},
+        "image": {"resolution": pixel_hw[0] if pixel_hw else 8 * lhw[0], "crop": "adm"},
         "vae": {"id": "synthetic", "latent_channels": latent_channels, "scaling_factor": 0.18215,
-                "shift_factor": 0.0},
+                "shift_factor": 0.0} if latent_channels else None,
         "encoders": {e: {"timm_id": "synthetic", "weights_sha256": None, "token_grid": [gh, gw],
                          "input_size": 16 * gh} for e in encoders},
         "build_args": {"synthetic": True, "seed": seed},
@@ -105,7 +111,8 @@ def make_synthetic_store(path: str | os.PathLike, num_samples: int = 16, encoder
     Latents are [2*latent_channels, *latent_hw] with latent_hw = 2*grid by default (SiT's patch
     size 2 turns them into the same token grid). `skipped_rows` are recorded as skipped inputs
     (so len(store) = num_samples - len(skipped_rows)). Labels are row % num_classes. Keyword-only
-    extras: latent_hw, with_cls, skipped_rows, latent_dtype.
+    extras: latent_hw, with_cls, skipped_rows, latent_dtype, pixel_hw (also store random uint8
+    pixels [3, H, W]; with latent_channels=0 a pixel-only store), pixel_codec.
     """
     _synthetic(path, num_samples=num_samples, encoders=encoders, grid=grid, latent_channels=latent_channels,
                format=format, shard_size=shard_size, flip=flip, feature_dtype=feature_dtype, seed=seed,

@@ -40,7 +40,7 @@ INFO_KEYS = ("dataset", "image", "vae", "encoders", "build_args", "latents_from"
 # manifest fields the writer computes; any other info field is kept in the manifest as given
 _COMPUTED = ("format_version", "format", "state", "package_version", "num_rows", "num_samples", "shard_size",
              "num_shards", "latent_shape", "latent_dtype", "latent_stats", "arrays", "flip", "shards", "skipped",
-             "meta_files")
+             "meta_files", "pixels")
 # Fields a resumed build may differ in without changing what the shards hold; the stored values win.
 _RESUME_IGNORED = {"state", "num_samples", "latent_stats", "shards", "skipped", "build_args",
                    "package_version", "meta_files"}
@@ -126,7 +126,7 @@ def _jsonable(x: Any) -> Any:
 def _allowed_entry(name: str) -> bool:
     return (
         name in (MANIFEST_NAME, PROGRESS_DIR, LOCK_NAME, "zarr.json", "labels", "keys", "latents", "features",
-                 "feature_scales", "cls", "flip")
+                 "feature_scales", "cls", "flip", "pixels")
         or name.endswith(PARTIAL_SUFFIX)
         or (name.startswith("shard-") and name.endswith(".tar"))
     )
@@ -197,6 +197,9 @@ class StoreWriter:
                      info: dict, expected: dict, resume: bool, overwrite: bool,
                      held: StoreLock | None) -> "StoreWriter":
         backend = get_backend(format)
+        if layout.pixel_hw is not None and layout.pixel_codec not in backend.pixel_codecs:
+            raise StoreError(f"store {path}: pixel codec {layout.pixel_codec!r} is not available in the {format} "
+                             f"backend (it has {', '.join(backend.pixel_codecs)})")
         mpath = path / MANIFEST_NAME
         if mpath.exists() and overwrite:
             _clear_dir(path)
@@ -300,9 +303,12 @@ class StoreWriter:
             encoders[name] = entry
 
         latents_from = info.get("latents_from")
+        if not layout.has_latents and latents_from:
+            raise StoreError(f"store {path}: info['latents_from'] is set but the layout has no latents "
+                             "(latent_channels2=0)")
         if layout.write_latents and latents_from:
             raise StoreError(f"store {path}: info['latents_from'] is set but layout.write_latents is True")
-        if not layout.write_latents:
+        if layout.has_latents and not layout.write_latents:
             if not latents_from or not latents_from.get("path"):
                 raise StoreError(
                     f"store {path}: layout.write_latents=False needs info['latents_from'] = "
@@ -335,6 +341,10 @@ class StoreWriter:
 
         arrays = {n: {"shape": list(s), "dtype": dt} for n, (s, dt) in layout.array_specs().items()}
         extra = {k: v for k, v in info.items() if k not in INFO_KEYS}  # free-form fields of later versions
+        if layout.pixel_hw is not None:  # absent (not null) otherwise: older stores' manifests stay as they were
+            extra["pixels"] = {"shape": list(layout.pixel_shape), "dtype": "uint8", "order": "CHW",
+                               "codec": layout.pixel_codec, "crop": (info.get("image") or {}).get("crop", "adm"),
+                               "flip": "not stored: readers mirror the stored crop for the flipped view"}
         return {
             "format_version": format_version,
             "format": format,
@@ -347,8 +357,8 @@ class StoreWriter:
             "dataset": ds,
             "image": info.get("image") or {},
             "vae": info.get("vae"),
-            "latent_shape": list(layout.latent_shape),
-            "latent_dtype": layout.latent_dtype,
+            "latent_shape": list(layout.latent_shape) if layout.has_latents else None,
+            "latent_dtype": layout.latent_dtype if layout.has_latents else None,
             "latent_stats": None,
             "latents_from": latents_from,
             "encoders": encoders,
@@ -422,7 +432,11 @@ class StoreWriter:
                 a[~valid] = 0
             if np.issubdtype(a.dtype, np.floating):
                 self._check_finite(a, valid, name, where)
-            if name in optional:
+            if dtype == "uint8":  # pixels: the exact crop, never a converted float image
+                if a.dtype != np.uint8:
+                    raise StoreError(f"{where}: array {name!r} must be uint8 (the ADM crop as decoded), got {a.dtype}")
+                data[name] = a
+            elif name in optional:
                 data[name] = a.astype(np.float32, copy=False)
                 self._check_finite(data[name], valid, name, where)
             elif dtype == "int8" and a.dtype != np.int8:
@@ -451,7 +465,7 @@ class StoreWriter:
         data = {k: data[k] for k in specs}  # fixed order
 
         sums = None
-        if self.layout.write_latents:
+        if self.layout.stores_latents:
             lat = data["latents"][valid].astype(np.float64)
             c = self.layout.latent_channels2 // 2
             mean, std = lat[:, :c], lat[:, c:]
@@ -517,11 +531,11 @@ class StoreWriter:
                 s2 += np.asarray(ls["sum_sq"], dtype=np.float64)
                 count += int(ls["count"])
         stats = None
-        if self.layout.write_latents and count > 0:
+        if self.layout.stores_latents and count > 0:
             mean = s1 / count
             std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
             stats = {"mean": mean.tolist(), "std": std.tolist(), "count": count}
-        elif not self.layout.write_latents and m["latents_from"] is not None:
+        elif m["latents_from"] is not None:
             src = (self.path / m["latents_from"]["path"])
             if (src / MANIFEST_NAME).exists():
                 stats = read_manifest(src).get("latent_stats")

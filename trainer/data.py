@@ -19,6 +19,12 @@ samples as an unbroken one:
   stream (reads, no training) to rebuild the shuffle buffer exactly.
 
 Flip stores: the view of sample ``i`` in epoch ``e`` is a fixed random bit of ``(seed, e, i)``.
+Latents and features of the flipped view are stored; pixels are stored once, and a sample whose
+flipped view is picked gets the stored crop mirrored horizontally (the image its flipped features
+were computed from).
+
+What a batch carries is the loader's ``inputs``: ``"latents"`` (cached posterior, float32) and/or
+``"pixels"`` (uint8 [b, 3, H, W], the stored ADM crop), besides labels, indices and features.
 
 Damaged data: the store's reader checks every byte it hands out (format 2 stores: a crc32c per
 row or member) and stops with a one-line ``DamagedData``. With ``on_damage="skip"`` the loader
@@ -208,8 +214,10 @@ class StoreBatches(_LazyStore, Dataset):
     with one ``get_batch`` call (inside a DataLoader worker). The store opens lazily per process."""
 
     def __init__(self, path: str | Path, order: IndexOrder, encoders: Sequence[str], length: int,
-                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True):
+                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True,
+                 inputs: Sequence[str] = ("latents",)):
         self.path, self.order, self.encoders, self.length = Path(path), order, list(encoders), int(length)
+        self.inputs = _check_inputs(inputs)
         self._opener = opener
         self._reader = None
         self.on_damage, self.read_checks = on_damage, read_checks
@@ -222,15 +230,20 @@ class StoreBatches(_LazyStore, Dataset):
         # features stay float16 (the stored dtype; int8 is dequantised to it): half the bytes
         # between worker processes and no CPU upcast; the alignment loss promotes on the device
         b = self.reader().get_batch(idx, flip=flip, encoders=self.encoders, with_keys=False,
-                                    features_dtype=np.float16)
+                                    features_dtype=np.float16, with_latents="latents" in self.inputs,
+                                    with_pixels="pixels" in self.inputs)
         self._drain_damage()  # get_batch lists this batch's damage in b["damaged"]
-        return {
+        out = {
             "index": torch.as_tensor(np.asarray(b["index"], dtype=np.int64)),
             "label": torch.as_tensor(np.asarray(b["label"], dtype=np.int64)),
-            "latents": torch.as_tensor(np.asarray(b["latents"], dtype=np.float32)),
             "features": {e: torch.as_tensor(v) for e, v in _select_features(b["features"], self.encoders).items()},
             "damaged": list(b.get("damaged", [])),
         }
+        if "latents" in self.inputs:
+            out["latents"] = torch.as_tensor(np.asarray(b["latents"], dtype=np.float32))
+        if "pixels" in self.inputs:
+            out["pixels"] = torch.from_numpy(b["pixels"])  # uint8, mirrored where the flipped view was picked
+        return out
 
 
 # ----------------------------------------------------------------------------- stream order
@@ -254,8 +267,21 @@ def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) ->
     yield from buf
 
 
+#: what a batch can carry besides labels and features
+INPUTS = ("latents", "pixels")
+
+
+def _check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
+    inputs = tuple(inputs)
+    bad = [i for i in inputs if i not in INPUTS]
+    if bad:
+        raise ValueError(f"loader inputs {bad} unknown; expected any of {INPUTS}")
+    return inputs
+
+
 def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
-                    features_dtype: Any = np.float16, on_damage: str = "raise") -> dict:
+                    features_dtype: Any = np.float16, on_damage: str = "raise",
+                    inputs: Sequence[str] = ("latents",)) -> dict:
     """Stack per-sample dicts from ``iter_shard`` into a batch, picking each sample's view.
 
     Arrays may be numpy arrays or the lazy members of ``iter_shard(..., lazy=True)``, which are
@@ -264,19 +290,27 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
     (float16, like the zarr batches: the stored dtype of an fp16 store, half the bytes between
     processes; the alignment loss promotes on the device); latents float32. A member that fails
     its checksum raises DamagedData, or (on_damage="skip") leaves its sample out of the batch and
-    its message in ``"damaged"``."""
+    its message in ``"damaged"``. ``inputs``: what to collate besides features ("latents",
+    "pixels"); pixels are stored once and mirrored here for samples whose flipped view is picked."""
     from irepa.stores.errors import DamagedData
 
+    inputs = _check_inputs(inputs)
     n = len(samples)
     views = ["_flip" if flip and bool(s.get("_flip", False)) else "" for s in samples]
     first = samples[0]
-    lat = np.empty((n, *first["latents" + views[0]].shape), np.float32)
+    lat = np.empty((n, *first["latents" + views[0]].shape), np.float32) if "latents" in inputs else None
+    pix = np.empty((n, *first["pixels"].shape), np.uint8) if "pixels" in inputs else None
     feats = {e: np.empty((n, *first["features" + views[0]][e].shape), features_dtype) for e in encoders}
     keep = np.ones(n, dtype=bool)
     damaged: list[str] = []
     for i, (s, v) in enumerate(zip(samples, views)):
         try:
-            _put(lat, i, s["latents" + v], s, "latents" + v)
+            if lat is not None:
+                _put(lat, i, s["latents" + v], s, "latents" + v)
+            if pix is not None:
+                _put(pix, i, s["pixels"], s, "pixels")
+                if v:
+                    pix[i] = pix[i][..., ::-1]  # numpy copies overlapping operands first
             f = s["features" + v]
             for e in encoders:
                 _put(feats[e], i, f[e], s, f"features{v}[{e!r}]")
@@ -287,15 +321,20 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
             damaged.append(str(err))
     if not keep.all():
         samples = [s for s, k in zip(samples, keep) if k]
-        lat = lat[keep]
+        lat = lat[keep] if lat is not None else None
+        pix = pix[keep] if pix is not None else None
         feats = {e: v[keep] for e, v in feats.items()}
-    return {
+    out = {
         "index": torch.as_tensor(np.asarray([int(s["index"]) for s in samples], dtype=np.int64)),
         "label": torch.as_tensor(np.asarray([int(s["label"]) for s in samples], dtype=np.int64)),
-        "latents": torch.from_numpy(lat),
         "features": {e: torch.from_numpy(v) for e, v in feats.items()},
         "damaged": damaged,
     }
+    if lat is not None:
+        out["latents"] = torch.from_numpy(lat)
+    if pix is not None:
+        out["pixels"] = torch.from_numpy(pix)
+    return out
 
 
 def _put(out: np.ndarray, i: int, value: Any, sample: dict, what: str) -> None:
@@ -327,8 +366,10 @@ class WdsStreams(_LazyStore, IterableDataset):
 
     def __init__(self, path: str | Path, spec: LoaderSpec, encoders: Sequence[str], num_streams: int,
                  shard_counts: Sequence[int], consumed: Sequence[int], rotation: int,
-                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True):
+                 opener: Callable[[Path], Any] | None = None, on_damage: str = "raise", read_checks: bool = True,
+                 inputs: Sequence[str] = ("latents",)):
         self.path, self.spec, self.encoders = Path(path), spec, list(encoders)
+        self.inputs = _check_inputs(inputs)
         self.on_damage, self.read_checks = on_damage, read_checks
         self.num_streams = int(num_streams)
         self.shard_counts = [int(c) for c in shard_counts]
@@ -359,7 +400,8 @@ class WdsStreams(_LazyStore, IterableDataset):
                 # lazy: the shuffle buffer holds member references, not arrays; collate_samples
                 # reads each chosen view straight into the batch (float16 features, as
                 # StoreBatches: no CPU upcast, half the bytes between processes)
-                for sample in reader.iter_shard(shard, features_dtype=np.float16, lazy=True):
+                for sample in reader.iter_shard(shard, features_dtype=np.float16, lazy=True,
+                                                with_latents="latents" in self.inputs):
                     if flips is not None:
                         sample = dict(sample)
                         sample["_flip"] = bool(flips[int(sample["index"])])
@@ -392,7 +434,7 @@ class WdsStreams(_LazyStore, IterableDataset):
         it = self.samples(stream, self.consumed[stream])
         while True:
             chunk = [next(it) for _ in range(self.spec.micro)]
-            b = collate_samples(chunk, self.encoders, self.spec.flip, on_damage=self.on_damage)
+            b = collate_samples(chunk, self.encoders, self.spec.flip, on_damage=self.on_damage, inputs=self.inputs)
             b["damaged"] = self._drain_damage() + b["damaged"]
             yield b
 
@@ -418,7 +460,8 @@ class StoreLoader:
 
     ``state``: what :meth:`state_after` returned in an earlier run (None: start of the run).
     ``steps``: how many optimizer steps this loader will serve (``grad_accum`` micro-batches each).
-    Batches are dicts ``{index, label, latents [b, 2C, h, w], features {enc: [b, T, D]}, damaged}``.
+    Batches are dicts ``{index, label, latents [b, 2C, h, w], features {enc: [b, T, D]}, damaged}``;
+    ``inputs`` says which of ``latents`` and ``pixels`` (uint8 [b, 3, H, W]) they carry.
     ``kind`` is the store's ``reader.loader_kind``. ``on_damage``: "raise" (default) or "skip"
     (see the module docstring); ``read_checks=False`` turns the reader's checksums off (benchmarks).
     """
@@ -427,7 +470,7 @@ class StoreLoader:
                  encoders: Sequence[str], steps: int, state: dict | None = None, num_workers: int = 0,
                  shard_counts: Sequence[int] | None = None, pin_memory: bool = False,
                  opener: Callable[[Path], Any] | None = None, prefetch_factor: int = 2,
-                 on_damage: str = "raise", read_checks: bool = True):
+                 on_damage: str = "raise", read_checks: bool = True, inputs: Sequence[str] = ("latents",)):
         if kind not in ("index", "stream"):
             raise ValueError(f"unknown loader kind {kind!r}")
         if on_damage not in ("raise", "skip"):
@@ -449,7 +492,7 @@ class StoreLoader:
                               f"{state['num_samples']}: the sample order differs from the unbroken run")
             self.order = IndexOrder(self.num_samples, spec, self.start)
             self.dataset = StoreBatches(path, self.order, encoders, self.steps * spec.grad_accum, opener,
-                                        on_damage, read_checks)
+                                        on_damage, read_checks, inputs)
         else:
             counts = list(shard_counts or [])
             per_rank = len(counts) // spec.world_size
@@ -472,7 +515,7 @@ class StoreLoader:
             self.consumed = [int(c) for c in state.get("consumed", [0] * streams)]
             self.delivered = int(state.get("delivered", 0))
             self.dataset = WdsStreams(path, spec, encoders, streams, counts, self.consumed,
-                                      self.delivered % streams, opener, on_damage, read_checks)
+                                      self.delivered % streams, opener, on_damage, read_checks, inputs)
         self._iter: Iterator[dict] | None = None
 
     def _make_iter(self) -> Iterator[dict]:

@@ -7,6 +7,10 @@ fingerprint). Each micro-batch is decoded and ADM-cropped in DataLoader workers
 encoder its patch tokens, exactly as ``irepa-cache build`` computes them. The batch then goes
 through the same loss code as a cached one (the objective's phase module), in the same sample order
 (:class:`trainer.data.IndexOrder` over the store's sample indices).
+
+Pixel objectives (``inputs`` with ``"pixels"``: JiT, REPA-E) get the decoded ADM crop itself as
+``pixels`` (uint8 [b, 3, R, R], mirrored for a flipped view, as a pixel store's loader gives it)
+and no VAE is loaded unless the objective also asks for ``latents``.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class ImageBatches(Dataset):
 
 
 class OnlineBatches:
-    """Iterable of device micro-batches ``{latents, features, label, index}`` plus the position."""
+    """Iterable of device micro-batches ``{latents and/or pixels, features, label, index}`` plus the
+    position."""
 
     def __init__(self, owner: "OnlineSource", spec: LoaderSpec, steps: int, state: dict | None, num_workers: int):
         state = dict(state or {})
@@ -77,9 +82,16 @@ class OnlineBatches:
         dev = self.owner.device
         kw: dict[str, Any] = dict(batch_size=None, shuffle=False, num_workers=self.num_workers,
                                   pin_memory=dev.type == "cuda")
+        want = self.owner.inputs
         for b in DataLoader(self.dataset, **kw):
-            latents, feats = self.owner.encode(b["image"])
-            yield {"latents": latents, "features": feats, "label": b["label"].to(dev), "index": b["index"]}
+            images = b["image"].to(dev, non_blocking=dev.type == "cuda")
+            latents, feats = self.owner.encode(images)
+            out = {"features": feats, "label": b["label"].to(dev), "index": b["index"]}
+            if "latents" in want:
+                out["latents"] = latents
+            if "pixels" in want:
+                out["pixels"] = images
+            yield out
 
     def state_after(self, steps_done: int) -> dict:
         return {"kind": "index", "position": self.start + int(steps_done) * self.spec.global_batch,
@@ -89,22 +101,31 @@ class OnlineBatches:
 class OnlineSource:
     """Images, VAE and encoders for an ``--online`` run; see the module docstring."""
 
-    def __init__(self, source: Any, rows: np.ndarray, resolution: int, vae: Any, encoders: dict[str, Any],
-                 num_classes: int, device: torch.device, manifest: dict | None, flip: bool):
+    def __init__(self, source: Any, rows: np.ndarray, resolution: int, vae: Any | None, encoders: dict[str, Any],
+                 num_classes: int, device: torch.device, manifest: dict | None, flip: bool,
+                 inputs: Sequence[str] = ("latents",)):
         self.source, self.rows, self.resolution = source, rows, int(resolution)
         self.vae, self.encoder_models = vae, encoders
         self.num_classes, self.device, self.manifest, self.flip = num_classes, device, manifest, flip
+        self.inputs = tuple(inputs)
         self.encoders = list(encoders)
         self.feature_dims = {n: int(e.dim) for n, e in encoders.items()}
-        down = int(getattr(vae, "downsample", 8))
-        if self.resolution % down:
-            raise ValueError(f"--online: resolution {self.resolution} is not divisible by the VAE factor {down}")
-        self.latent_shape = (2 * int(vae.latent_channels), self.resolution // down, self.resolution // down)
+        #: (3, R, R): the decoded ADM crop, what a pixel store holds
+        self.pixel_shape = (3, self.resolution, self.resolution)
+        self.latent_shape: tuple[int, int, int] | None = None
+        if vae is not None:
+            down = int(getattr(vae, "downsample", 8))
+            if self.resolution % down:
+                raise ValueError(f"--online: resolution {self.resolution} is not divisible by the VAE factor {down}")
+            self.latent_shape = (2 * int(vae.latent_channels), self.resolution // down, self.resolution // down)
 
     # -------------------------------------------------------------- construction
 
     @classmethod
-    def create(cls, cfg: Any, reader: Any | None, d: Any, models: dict | None = None) -> "OnlineSource":
+    def create(cls, cfg: Any, reader: Any | None, d: Any, models: dict | None = None,
+               inputs: Sequence[str] = ("latents",)) -> "OnlineSource":
+        """Open the images (``--data``, or the store's source checked by fingerprint) and load the
+        encoders, and the VAE only when ``inputs`` ask for latents."""
         from irepa.pipeline.sources import default_sample_source, open_source
 
         manifest = reader.manifest if reader is not None else None
@@ -129,12 +150,14 @@ class OnlineSource:
             resolution = int(getattr(cfg, "resolution", None) or 256)
             flip = False
         models = models or {}
-        vae = models.get("vae")
-        if vae is None:
-            from irepa.pipeline.vae import load_vae
-            vae_id = cfg.vae or ((manifest or {}).get("vae") or {}).get("id") or DEFAULT_VAE
-            vae = load_vae(vae_id)
-        vae = vae.eval().to(d.device)
+        vae = None
+        if "latents" in inputs:  # pixel objectives (JiT, REPA-E) need no VAE here
+            vae = models.get("vae")
+            if vae is None:
+                from irepa.pipeline.vae import load_vae
+                vae_id = cfg.vae or ((manifest or {}).get("vae") or {}).get("id") or DEFAULT_VAE
+                vae = load_vae(vae_id)
+            vae = vae.eval().to(d.device)
         encoders = models.get("encoders")
         if encoders is None:
             encoders = cls._load_encoders(cfg, manifest, resolution)
@@ -143,7 +166,7 @@ class OnlineSource:
             cls._check_same_models(reader.path, manifest, vae, encoders)
         num_classes = int(((manifest or {}).get("dataset") or {}).get("num_classes")
                           or len(getattr(source, "class_names", [])) or 1000)
-        return cls(source, rows, resolution, vae, encoders, num_classes, d.device, manifest, flip)
+        return cls(source, rows, resolution, vae, encoders, num_classes, d.device, manifest, flip, inputs)
 
     @staticmethod
     def _load_encoders(cfg: Any, manifest: dict | None, resolution: int) -> dict:
@@ -170,7 +193,7 @@ class OnlineSource:
     def _check_same_models(path: Path, manifest: dict, vae: Any, encoders: dict) -> None:
         """The online models must be the ones the store was built with (weights hashes)."""
         want = (manifest.get("vae") or {}).get("weights_sha256")
-        if want and hasattr(vae, "weights_sha256") and vae.weights_sha256() != want:
+        if vae is not None and want and hasattr(vae, "weights_sha256") and vae.weights_sha256() != want:
             raise ValueError(f"--online: VAE {getattr(vae, 'id', '?')} has weights {vae.weights_sha256()[:12]}, "
                              f"store {path} was built with {want[:12]}")
         for n, e in encoders.items():
@@ -198,20 +221,25 @@ class OnlineSource:
     def manifest_like(self) -> dict:
         """What LatentNorm and previews read from a manifest."""
         m = dict(self.manifest or {})
-        m.setdefault("vae", {"id": getattr(self.vae, "id", None),
-                             "scaling_factor": getattr(self.vae, "scaling_factor", SD_VAE_SCALE),
-                             "shift_factor": getattr(self.vae, "shift_factor", 0.0)})
+        if self.vae is not None:
+            m.setdefault("vae", {"id": getattr(self.vae, "id", None),
+                                 "scaling_factor": getattr(self.vae, "scaling_factor", SD_VAE_SCALE),
+                                 "shift_factor": getattr(self.vae, "shift_factor", 0.0)})
         return m
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """uint8 images -> (posterior [b, 2C, h, w] float32, [features [b, T, D] float32 per encoder])."""
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """uint8 images -> (posterior [b, 2C, h, w] float32, or None without a VAE, [features [b, T, D]
+        float32 per encoder])."""
         images = images.to(self.device, non_blocking=self.device.type == "cuda")
         precision = ((self.manifest or {}).get("build_args") or {}).get("precision") or "bf16"
+        latents = None
         with encoder_autocast(self.device, precision):  # the build's precision rule and choice
-            mean, std = self.vae.encode(images)
+            if self.vae is not None:
+                mean, std = self.vae.encode(images)
+                latents = torch.cat([mean.float(), std.float()], dim=1)
             feats = [self.encoder_models[n](images)[0].float() for n in self.encoders]
-        return torch.cat([mean.float(), std.float()], dim=1), feats
+        return latents, feats
 
     def batches(self, spec: LoaderSpec, steps: int, state: dict | None, num_workers: int) -> OnlineBatches:
         return OnlineBatches(self, spec, steps, state, num_workers)

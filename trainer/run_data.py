@@ -3,7 +3,9 @@ the micro-batches the loop reads from it.
 
 A batch is a dict on the device: ``latents`` (cached posterior [b, 2C, h, w]) and/or ``pixels``
 (uint8 [b, 3, H, W]) as the objective's ``inputs`` ask, ``features`` (one tensor per aligned
-encoder), ``label`` and ``index``.
+encoder), ``label`` and ``index``. A store holding both latents and pixels serves either kind of
+objective; the loader reads only what the objective asks for. Asking for what the data does not
+hold is refused before step 0 (the objective's ``check_data`` names the store and the fix).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ class CacheSource:
     """Micro-batches from a store, moved to the device."""
 
     def __init__(self, reader: Any, encoders: list[str], spec: LoaderSpec, steps: int, state: dict | None,
-                 num_workers: int, device: torch.device, on_damage: str = "raise"):
+                 num_workers: int, device: torch.device, inputs: Sequence[str] = ("latents",),
+                 on_damage: str = "raise"):
         self.reader = reader
         kind = reader.loader_kind
         counts = reader.shard_sample_counts() if kind == "stream" else None
+        self.inputs = tuple(inputs)
         self.loader = StoreLoader(reader.path, kind=kind, num_samples=len(reader), spec=spec, encoders=encoders,
                                   steps=steps, state=state, num_workers=num_workers, shard_counts=counts,
-                                  pin_memory=device.type == "cuda", on_damage=on_damage)
+                                  pin_memory=device.type == "cuda", inputs=self.inputs, on_damage=on_damage)
         self.encoders = encoders
         self.device = device
         self.num_samples = len(reader)
@@ -38,13 +42,15 @@ class CacheSource:
     def __iter__(self) -> Iterator[dict]:
         nb = self.device.type == "cuda"
         for b in self.loader:
-            yield {
-                "latents": b["latents"].to(self.device, non_blocking=nb),
+            out = {
                 "features": [b["features"][e].to(self.device, non_blocking=nb) for e in self.encoders],
                 "label": b["label"].to(self.device, non_blocking=nb),
                 "index": b["index"],
                 "damaged": b.get("damaged", []),
             }
+            for k in self.inputs:
+                out[k] = b[k].to(self.device, non_blocking=nb)
+            yield out
 
     def state_after(self, steps_done: int) -> dict:
         return self.loader.state_after(steps_done)
@@ -58,6 +64,7 @@ class RunData:
     reader: Any = None          # StoreReader of --cache
     online: Any = None          # OnlineSource of --online
     flip: bool = False
+    inputs: tuple[str, ...] = ("latents",)  # what batches carry: the objective's inputs the data holds
 
     def __len__(self) -> int:
         """Samples per epoch."""
@@ -96,7 +103,8 @@ class RunData:
         ``on_damage="skip"`` damaged samples are left out and listed in ``batch["damaged"]``."""
         if self.online is not None:
             return self.online.batches(spec, steps, state, num_workers)
-        return CacheSource(self.reader, list(self.spec.encoders), spec, steps, state, num_workers, device, on_damage)
+        return CacheSource(self.reader, list(self.spec.encoders), spec, steps, state, num_workers, device,
+                           inputs=self.inputs, on_damage=on_damage)
 
 
 def _select(available: Sequence[str], wanted: list[str] | None, aligning: bool, where: str, align: str) -> list[str]:
@@ -136,17 +144,19 @@ def open_run_data(cfg: Any, d: distributed.Dist, inputs: Sequence[str],
     if cfg.online:
         from irepa.trainer.online import OnlineSource
 
-        online = OnlineSource.create(cfg, reader, d, online_models)
+        online = OnlineSource.create(cfg, reader, d, online_models, inputs=inputs)
         encoders = _select(online.encoders, cfg.encoders, aligning, where, cfg.align)
         online.select(encoders)
         manifest = online.manifest_like()
         latent_shape, dims, grids = online.latent_shape, online.feature_dims, online.token_grids()
+        pixel_shape = online.pixel_shape
         num_classes, flip = online.num_classes, online.flip
     else:
         online = None
         manifest = reader.manifest
         encoders = _select(reader.encoders, cfg.encoders, aligning, where, cfg.align)
-        latent_shape, dims, grids = tuple(reader.latent_shape), dict(reader.feature_dims), dict(reader.token_grids)
+        latent_shape, dims, grids = reader.latent_shape, dict(reader.feature_dims), dict(reader.token_grids)
+        pixel_shape = reader.pixel_shape
         num_classes = int((manifest.get("dataset") or {}).get("num_classes") or 1000)
         flip = bool(reader.has_flip)
         if len(reader) == 0:
@@ -157,12 +167,11 @@ def open_run_data(cfg: Any, d: distributed.Dist, inputs: Sequence[str],
                                      f"skipped: {reasons}); rebuild it from images that decode")
     norm = LatentNorm.from_manifest(manifest, cfg.latent_norm, where) if latent_shape is not None else None
     spec = DataSpec(latent_shape=tuple(int(v) for v in latent_shape) if latent_shape is not None else None,
+                    pixel_shape=tuple(int(v) for v in pixel_shape) if pixel_shape is not None else None,
                     encoders=encoders, feature_dims=[int(dims[e]) for e in encoders],
                     token_grids=[tuple(int(v) for v in grids[e]) for e in encoders], num_classes=num_classes,
                     latent_norm=norm, vae=manifest.get("vae"), latent_stats=manifest.get("latent_stats"),
                     store=where)
-    missing = [i for i in inputs if i == "pixels"]
-    if missing:
-        raise ValueError(f"store {where} holds no pixels; this objective trains on pixels "
-                         "(build it with irepa-cache build --pixels)")
-    return RunData(spec, reader, online, flip)
+    # read what the objective asks for and the data holds; what it lacks, check_data refuses by name
+    held = {"latents": spec.latent_shape is not None, "pixels": spec.pixel_shape is not None}
+    return RunData(spec, reader, online, flip, tuple(i for i in inputs if held.get(i)))

@@ -38,6 +38,8 @@ class Backend(ABC):
     loader_kind: ClassVar[str]
     #: whether `StoreReader.get_batch` (reads of arbitrary rows) works
     random_access: ClassVar[bool]
+    #: codecs this backend can store the `pixels` array with ("none": raw rows, always first)
+    pixel_codecs: ClassVar[tuple[str, ...]] = ("none",)
 
     # ------------------------------------------------------------------ writing
 

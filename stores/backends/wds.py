@@ -4,7 +4,10 @@ Each valid row r is a sample with `__key__` = f"{r:09d}" and members
 `<key>.latents.npy`, `<key>.feat.<m>.npy` (+ `<key>.scale.<m>.npy` for int8),
 `<key>.clstoken.<m>.npy`, `<key>.cls` (label as text), `<key>.key.txt`, and the same with a
 `flip.` prefix for the flipped view (`<key>.flip.latents.npy`, ...). `<m>` is the encoder's
-member-safe name from manifest `encoders[name].member`. Skipped rows are not written. Headers
+member-safe name from manifest `encoders[name].member`. Pixel stores add `<key>.pixels.npy`
+(uint8 [3, H, W], pixel codec "none") or `<key>.pixels.png` (the same crop as an RGB PNG, codec
+"png", which webdataset's own decoders read; decoded here with Pillow); never a flipped copy.
+Skipped rows are not written. Headers
 are fixed (mtime 0, uid/gid 0, mode 0644, no user names) and members sorted, so a shard's bytes
 depend only on its content. Plain `tarfile` reads the shards, and so does webdataset.
 
@@ -61,8 +64,13 @@ def sample_key(row: int) -> str:
     return f"{row:0{KEY_WIDTH}d}"
 
 
-def member_suffix(array_name: str, members: dict[str, str]) -> str:
+PNG_LEVEL = 6  # zlib level of pixel PNGs (Pillow's default); fixed, so a shard's bytes are reproducible
+
+
+def member_suffix(array_name: str, members: dict[str, str], pixel_codec: str = "none") -> str:
     """Tar member suffix of a logical array name ("flip/features/enc" -> "flip.feat.<m>.npy")."""
+    if array_name == "pixels":
+        return "pixels.png" if pixel_codec == "png" else "pixels.npy"
     prefix = ""
     name = array_name
     if name.startswith("flip/"):
@@ -78,6 +86,34 @@ def member_suffix(array_name: str, members: dict[str, str]) -> str:
     if tag is None or enc not in members:
         raise StoreError(f"no webdataset member name for array {array_name!r}")
     return f"{prefix}{tag}.{members[enc]}.npy"
+
+
+def png_bytes(chw: np.ndarray) -> bytes:
+    """An RGB PNG of uint8 pixels [3, H, W] (Pillow, zlib level PNG_LEVEL, no metadata chunks)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.asarray(chw, dtype=np.uint8).transpose(1, 2, 0)), "RGB").save(
+        buf, format="PNG", compress_level=PNG_LEVEL)
+    return buf.getvalue()
+
+
+def decode_png(data: Any, shape: tuple[int, ...], where: str, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [3, H, W] pixels of a PNG member (into `out` when given); DamagedData naming `where`
+    when it is not an RGB PNG of that size."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data)), formats=["PNG"]) as im:
+            if im.mode != "RGB" or im.size != (shape[2], shape[1]):
+                raise ValueError(f"{im.mode} {im.size[0]}x{im.size[1]}, expected RGB {shape[2]}x{shape[1]}")
+            hwc = np.asarray(im)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds
+        raise DamagedData(f"{where}: not a readable pixel PNG ({type(e).__name__}: {e})") from None
+    if out is None:
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    out[...] = hwc.transpose(2, 0, 1)
+    return out
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -117,14 +153,15 @@ def crc_member(members: dict[str, bytes]) -> bytes:
 
 
 def write_shard(root: Path, shard: int, rows: range, data: dict[str, np.ndarray],
-                valid: np.ndarray, members: dict[str, str], format_version: int = FORMAT_VERSION) -> dict[str, str]:
+                valid: np.ndarray, members: dict[str, str], format_version: int = FORMAT_VERSION,
+                pixel_codec: str = "none") -> dict[str, str]:
     """Write the shard's valid rows as one tar (temp name, fsync, rename); return {name: sha256}.
 
     format_version >= 2 adds each sample's `<key>.crc32c.json` member."""
     clean_shard(root, shard)
     final = root / shard_name(shard)
     tmp = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    suffixes = {name: member_suffix(name, members) for name in data}
+    suffixes = {name: member_suffix(name, members, pixel_codec) for name in data}
     with atomic_open(final, tmp=tmp) as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for i, row in enumerate(rows):
@@ -138,6 +175,8 @@ def write_shard(root: Path, shard: int, rows: range, data: dict[str, np.ndarray]
                         b = str(int(v)).encode("ascii")
                     elif name == "keys":
                         b = str(v).encode("utf-8")
+                    elif name == "pixels" and pixel_codec == "png":
+                        b = png_bytes(v)
                     else:
                         b = _npy_bytes(v)
                     sample[suffixes[name]] = b
@@ -524,6 +563,33 @@ class NpyRef(LazyArray):
 
 
 @dataclass(frozen=True)
+class PngPixels(LazyArray):
+    """A sample's pixel PNG (its bytes already read and checked), decoded to uint8 [3, H, W] when
+    read: the shuffle buffer holds the compressed bytes, the batch gets the pixels."""
+
+    data: bytes
+    shape: tuple[int, ...]
+    where: str
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def read(self) -> np.ndarray:
+        return decode_png(self.data, self.shape, self.where)
+
+    def read_into(self, out: np.ndarray) -> None:
+        if out.shape != self.shape:
+            raise StoreError(f"{self.where}: shape {self.shape}, expected {out.shape}")
+        decode_png(self.data, self.shape, self.where, out)
+
+    def astype(self, dtype: Any, copy: bool = True) -> "PngPixels":
+        if np.dtype(dtype) != np.uint8:
+            raise StoreError(f"{self.where}: pixels are uint8; got a request for {np.dtype(dtype)}")
+        return self
+
+
+@dataclass(frozen=True)
 class Dequantized(LazyArray):
     """int8 tokens and their per-token scales, dequantised when read."""
 
@@ -758,6 +824,7 @@ class WdsBackend(Backend):
     name = "wds"
     loader_kind = "stream"
     random_access = False
+    pixel_codecs = ("none", "png")
 
     def create(self, root: Path, layout: StoreLayout, format_version: int) -> list[str]:
         root.mkdir(parents=True, exist_ok=True)
@@ -765,7 +832,7 @@ class WdsBackend(Backend):
 
     def write_shard(self, root: Path, layout: StoreLayout, shard: int, rows: range, data: dict[str, np.ndarray],
                     valid: np.ndarray, members: dict[str, str], format_version: int) -> dict[str, str]:
-        return write_shard(root, shard, rows, data, valid, members, format_version)
+        return write_shard(root, shard, rows, data, valid, members, format_version, layout.pixel_codec)
 
     def clean_shard(self, root: Path, layout: StoreLayout, shard: int) -> None:
         clean_shard(root, shard)
@@ -776,7 +843,8 @@ class WdsBackend(Backend):
 
     def array_bytes(self, root: Path, manifest: dict) -> dict[str, int]:
         members = {n: e["member"] for n, e in manifest["encoders"].items()}
-        by_suffix = {member_suffix(name, members): name for name in manifest["arrays"]}
+        codec = (manifest.get("pixels") or {}).get("codec", "none")
+        by_suffix = {member_suffix(name, members, codec): name for name in manifest["arrays"]}
         by_suffix[CRC_SUFFIX] = "checksums"
         out = {name: 0 for name in manifest["arrays"]}
         out["checksums"] = out["other"] = 0

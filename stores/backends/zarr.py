@@ -1,10 +1,13 @@
 """zarr v3 backend: one sharded array per field, one shard file per store shard.
 
-Row-indexed payload arrays (latents, features, scales, cls) use zarr's sharding codec with a
-shard of `shard_size` rows and an inner chunk of one row, so ImageNet is a few thousand files
-and a random read touches one sample's bytes. `labels` and `keys` are small: one plain chunk of
-`shard_size` rows each (still one file per shard). Payloads are stored uncompressed (float
-activations barely compress and decoding would cost the loader CPU); labels/keys use zstd.
+Row-indexed payload arrays (latents, features, scales, cls, pixels) use zarr's sharding codec
+with a shard of `shard_size` rows and an inner chunk of one row, so ImageNet is a few thousand
+files and a random read touches one sample's bytes. `labels` and `keys` are small: one plain
+chunk of `shard_size` rows each (still one file per shard). Payloads are stored uncompressed
+(float activations barely compress and decoding would cost the loader CPU); labels/keys use
+zstd. `pixels` (uint8 [N, 3, H, W]) are raw rows by default; pixel codec "zstd" puts zarr's
+zstd codec (level `ZSTD_LEVEL`) before each row's crc32c, which zarr-python and `ShardedRows`
+both decode (bench.storage measures what it saves and costs).
 
 Checksums (format version 2): every inner chunk (one row) ends with the crc32c of its bytes
 (zarr's `crc32c` codec), the shard index ends with its own crc32c (part of zarr's sharding
@@ -30,6 +33,7 @@ from ..manifest import FORMAT_VERSION, PARTIAL_SUFFIX, atomic_open, fsync_dir, f
 from .base import Backend
 
 _SMALL = ("labels", "keys")
+ZSTD_LEVEL = 3  # zarr's default level; higher levels barely shrink photos further (bench.storage)
 _EMPTY = 2**64 - 1
 _INDEX_CACHE = 512  # verified shard indexes kept per array and process (16 B per row each)
 
@@ -68,6 +72,9 @@ def create_arrays(root: Path, layout: StoreLayout, format_version: int = FORMAT_
             kw.update(dtype=str, chunks=(s,), compressors=small_codecs, fill_value="")
         elif name == "labels":
             kw.update(dtype="int64", chunks=(s,), compressors=small_codecs, fill_value=-1)
+        elif name == "pixels" and layout.pixel_codec == "zstd":
+            kw.update(dtype=dtype, chunks=(1, *shape[1:]), shards=(s, *shape[1:]), fill_value=0,
+                      compressors=[ZstdCodec(level=ZSTD_LEVEL)] + ([Crc32cCodec()] if crc else []))
         else:
             kw.update(dtype=dtype, chunks=(1, *shape[1:]), shards=(s, *shape[1:]),
                       compressors=Crc32cCodec() if crc else None, fill_value=0)
@@ -115,7 +122,7 @@ def write_shard(root: Path, layout: StoreLayout, shard: int, rows: range,
         rel = chunk_file(name, len(shape), shard)
         fast = None if _is_small(name) else ShardedRows.from_metadata(root, name)
         if fast is not None:
-            digest = write_shard_file(root / rel, data[name], layout.shard_size, crc=fast.crc)
+            digest = write_shard_file(root / rel, data[name], layout.shard_size, crc=fast.crc, zstd=fast.zstd)
             if digest is not None:
                 files[rel] = digest
             continue
@@ -137,9 +144,12 @@ def write_shard(root: Path, layout: StoreLayout, shard: int, rows: range,
     return dict(sorted(files.items()))
 
 
-def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False) -> list[memoryview] | None:
+def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False,
+                 zstd: int | None = None) -> list[memoryview] | None:
     """zarr sharding_indexed bytes of one shard whose inner chunks are single raw rows (fill 0),
     each followed by its crc32c (little-endian uint32) when `crc` (zarr's crc32c codec).
+    `zstd` (a level): each row is zstd-compressed first (zarr's zstd codec, via numcodecs as
+    zarr does it), the crc32c then covers the compressed bytes.
 
     Rows that are all zero are left out (index entry 2**64-1), as zarr does with
     write_empty_chunks=False; None when every row is empty (zarr writes no file then).
@@ -153,6 +163,8 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False) -> list[m
     nonempty = flat.any(axis=1)
     if not nonempty.any():
         return None
+    if zstd is not None:
+        return _encode_compressed(flat, nonempty, shard_rows, crc, zstd)
     row_bytes = flat.shape[1] * flat.dtype.itemsize
     chunk = row_bytes + (4 if crc else 0)
     index = np.full((shard_rows, 2), _EMPTY, dtype="<u8")
@@ -179,11 +191,34 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False) -> list[m
     return parts
 
 
-def write_shard_file(path: Path, data: np.ndarray, shard_rows: int, crc: bool = False) -> str | None:
+def _encode_compressed(flat: np.ndarray, nonempty: np.ndarray, shard_rows: int, crc: bool,
+                       level: int) -> list[memoryview]:
+    """encode_shard's zstd variant: chunks of varying size, each a zstd frame (+ its crc32c)."""
+    import google_crc32c
+    from numcodecs import Zstd
+
+    codec = Zstd(level=level)
+    index = np.full((shard_rows, 2), _EMPTY, dtype="<u8")
+    parts: list[memoryview] = []
+    off = 0
+    raw = flat.view(np.uint8).reshape(len(flat), -1)
+    for i in np.flatnonzero(nonempty):
+        frame = bytes(codec.encode(raw[i]))
+        chunk = frame + (google_crc32c.value(frame).to_bytes(4, "little") if crc else b"")
+        index[i] = (off, len(chunk))
+        off += len(chunk)
+        parts.append(memoryview(chunk))
+    index_bytes = index.tobytes()
+    parts += [memoryview(index_bytes), memoryview(google_crc32c.value(index_bytes).to_bytes(4, "little"))]
+    return parts
+
+
+def write_shard_file(path: Path, data: np.ndarray, shard_rows: int, crc: bool = False,
+                     zstd: int | None = None) -> str | None:
     """Encode and atomically write one shard file (temp name, fsync, rename); return its sha256."""
     import hashlib
 
-    parts = encode_shard(data, shard_rows, crc=crc)
+    parts = encode_shard(data, shard_rows, crc=crc, zstd=zstd)
     if parts is None:
         return None
     h = hashlib.sha256()
@@ -196,6 +231,7 @@ def write_shard_file(path: Path, data: np.ndarray, shard_rows: int, crc: bool = 
 
 
 _BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_BYTES1 = {"name": "bytes"}  # zarr's bytes codec of 1-byte types (no endianness)
 _CRC = {"name": "crc32c"}
 _SHARD_CODEC = {
     "index_codecs": [_BYTES, _CRC],
@@ -219,11 +255,13 @@ class ShardedRows:
     """
 
     def __init__(self, root: Path, name: str, shape: tuple[int, ...], shard_rows: int, dtype: np.dtype,
-                 fill: Any, crc: bool, listed: frozenset[str] = frozenset(), checks: bool = True):
+                 fill: Any, crc: bool, listed: frozenset[str] = frozenset(), checks: bool = True,
+                 zstd: int | None = None):
         self.root, self.name, self.shape, self.shard_rows = root, name, shape, shard_rows
         self.dtype = dtype
         self.fill = fill
         self.crc = crc
+        self.zstd = zstd  # level of zarr's zstd codec on each row (pixel codec "zstd"), else None
         self.listed = listed
         self.checks = checks
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
@@ -239,24 +277,32 @@ class ShardedRows:
             shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
             (codec,) = meta["codecs"]
             cfg = codec["configuration"]
-            inner = cfg["codecs"]
+            inner = list(cfg["codecs"])
+            one_byte = np.dtype(meta["data_type"]).itemsize == 1
+            crc = bool(inner) and inner[-1] == _CRC
+            body = inner[:-1] if crc else inner
+            zstd = None
+            if len(body) == 2 and body[1].get("name") == "zstd":
+                zc = body[1].get("configuration") or {}
+                if set(zc) <= {"level", "checksum"} and not zc.get("checksum"):
+                    zstd, body = int(zc.get("level", 0)), body[:1]
             ok = (
                 codec["name"] == "sharding_indexed"
                 and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
                 and list(cfg["chunk_shape"]) == [1, *shape[1:]]
                 and list(shard[1:]) == list(shape[1:])
-                and inner in ([_BYTES], [_BYTES, _CRC])
+                and (body == [_BYTES] or (one_byte and body == [_BYTES1]))
                 and all(cfg.get(k) == v for k, v in _SHARD_CODEC.items())
-                and meta["data_type"] in ("float32", "float16", "int8", "int64")
+                and meta["data_type"] in ("float32", "float16", "int8", "uint8", "int64")
                 and not meta.get("storage_transformers")
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         if not ok:
             return None
         dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        return cls(root, name, shape, shard[0], dtype, meta.get("fill_value", 0), crc=len(inner) == 2,
-                   listed=listed, checks=checks)
+        return cls(root, name, shape, shard[0], dtype, meta.get("fill_value", 0), crc=crc,
+                   listed=listed, checks=checks, zstd=zstd)
 
     def shard_path(self, shard: int) -> Path:
         return self.root / chunk_file(self.name, len(self.shape), shard)
@@ -290,7 +336,8 @@ class ShardedRows:
         index = raw[:-4].view("<u8").reshape(self.shard_rows, 2)
         ends = index[:, 0] + index[:, 1]
         used = index[:, 0] != _EMPTY
-        if (used & ((index[:, 1] != self.chunk_bytes) | (ends > start))).any():
+        wrong = (index[:, 1] <= (4 if self.crc else 0)) if self.zstd is not None else (index[:, 1] != self.chunk_bytes)
+        if (used & (wrong | (ends > start))).any():
             return f"the shard index of file {path} points outside the file or at chunks of the wrong size"
         self._index[ident] = index
         if len(self._index) > _INDEX_CACHE:
@@ -342,6 +389,11 @@ class ShardedRows:
                     if off == _EMPTY:
                         out[j] = self.fill
                         continue
+                    if self.zstd is not None:
+                        problem = self._read_compressed(fd, off, nbytes, flat[j], path)
+                        if problem:
+                            bad(j, problem)
+                        continue
                     bufs = [memoryview(flat[j]), crcbuf] if self.crc else [memoryview(flat[j])]
                     if os.preadv(fd, bufs, off) != nbytes:
                         bad(j, f"short read in file {path} (the file shrank while reading?)")
@@ -355,6 +407,30 @@ class ShardedRows:
             finally:
                 os.close(fd)
         return out
+
+    def _read_compressed(self, fd: int, off: int, nbytes: int, out: np.ndarray, path: Path) -> str | None:
+        """One zstd row (and its crc32c) at `off` decoded into `out` (uint8 view of the row);
+        what is wrong with it, or None."""
+        import google_crc32c
+        from numcodecs import Zstd
+
+        buf = np.empty(nbytes, dtype=np.uint8)
+        if os.preadv(fd, [buf], off) != nbytes:
+            return f"short read in file {path} (the file shrank while reading?)"
+        frame = buf[:-4] if self.crc else buf
+        if self.crc and self.checks:
+            want = int.from_bytes(buf[-4:].tobytes(), "little")
+            have = google_crc32c.value(frame)
+            if want != have:
+                return f"crc32c mismatch in file {path} (stored {want:08x}, computed {have:08x}): the file is damaged"
+        try:
+            raw = np.frombuffer(Zstd().decode(frame), dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - a damaged frame (checks off, or a format 1 layout)
+            return f"zstd frame in file {path} cannot be decoded ({type(e).__name__}: {e}): the file is damaged"
+        if raw.nbytes != out.nbytes:
+            return f"zstd frame in file {path} decodes to {raw.nbytes} bytes, a row has {out.nbytes}: the file is damaged"
+        out[...] = raw
+        return None
 
 
 class ZarrArrays:
@@ -479,6 +555,7 @@ class ZarrBackend(Backend):
     name = "zarr"
     loader_kind = "index"
     random_access = True
+    pixel_codecs = ("none", "zstd")
 
     def create(self, root: Path, layout: StoreLayout, format_version: int) -> list[str]:
         return create_arrays(root, layout, format_version)

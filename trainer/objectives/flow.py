@@ -157,7 +157,9 @@ class Flow(Objective):
 
     def _latent(self) -> tuple[int, tuple[int, int]]:
         if self.data.latent_shape is None:
-            raise ValueError(f"--objective {self.name} trains on VAE latents; store {self.data.store} has none")
+            raise ValueError(f"--objective {self.name} trains on VAE latents; store {self.data.store} has none (a "
+                             "pixel-only store, built with --vae none): build one with a VAE or --latents-from, or "
+                             "train a pixel objective (--objective jit, repae)")
         c2, h, w = self.data.latent_shape
         return c2 // 2, (int(h), int(w))
 
