@@ -371,6 +371,9 @@ class MeanFlow(Objective):
     Options: ClassVar[type | None] = MeanFlowOptions
     #: ``--compile`` works: the JVP runs eagerly (excluded with ``torch.compiler.disable``)
     supports_compile: ClassVar[bool] = True
+    #: previews and ``irepa-sample`` take 1 NFE unless ``--sample-steps`` / ``--steps`` say otherwise
+    preview_sampling: ClassVar[dict[str, Any]] = {"method": "meanflow", "steps": 1}
+    final_sampling: ClassVar[dict[str, Any]] = {"method": "meanflow", "steps": 1}
     #: keys a flow SiT checkpoint lacks: ``--init-from`` a flow SiT leaves them at their init
     init_missing_ok: ClassVar[tuple[str, ...]] = ("h_embedder.",)
 
@@ -381,6 +384,10 @@ class MeanFlow(Objective):
         if data.latent_shape is None:
             raise ValueError(f"--objective meanflow trains on VAE latents, but {data.store or 'the data'} has none "
                              "(a pixel-only store); build one with a VAE")
+        method = getattr(cfg, "sample_method", None)
+        if method is not None and method not in SAMPLE_METHODS:  # else the first preview would stop the run
+            raise ValueError(f"--sample-method {method!r}: --objective meanflow previews with its average-velocity "
+                             f"steps (method 'meanflow', alias 'ode'; --sample-steps sets the NFE)")
         o = self.opts
         if float(cfg.class_dropout) <= 0 and (o.mf_cfg_w != 1.0 or o.mf_cfg_k != 0.0):
             raise ValueError(f"--objective meanflow with guidance (--mf-preset {o.mf_preset}: w {o.mf_cfg_w}, "
@@ -444,9 +451,29 @@ class MeanFlow(Objective):
                                      + "; ".join(problems))
 
     def check_init(self, state: Any, source: str) -> None:
-        from irepa.trainer.objectives.flow import Flow
+        """Before ``--init-from``: the channels and patch of the checkpoint's patch embedding and
+        its token count (``pos_embed``) must fit the store's latents (a flow or MeanFlow SiT)."""
+        from irepa.trainer.objectives.flow import check_sit_data
 
-        Flow.check_init(self, state, source)  # the same SiT patch embedding and grid checks
+        flat = state
+        if isinstance(state, dict) and ("ema" in state or "model" in state):
+            flat = state.get("ema") or state.get("model")
+        w = pos = None
+        for k, v in (flat or {}).items():
+            if k.endswith("x_embedder.proj.weight"):
+                w = v
+            if k.endswith("pos_embed"):
+                pos = v
+        if w is None:
+            return
+        c, p = int(w.shape[1]), int(w.shape[2])
+        _, h, wd = self.data.latent_shape
+        size = (int(h), int(wd))
+        if pos is not None:
+            side = math.isqrt(int(pos.shape[1]))
+            if side * side == int(pos.shape[1]):
+                size = (side * p, side * p)
+        check_sit_data(self.data, f"{self.cfg.model} from {source}", c, size, p, self.data.store, encoders=False)
 
     def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
         """A MeanFlow or flow SiT checkpoint (REPA / iREPA names): a flow SiT lacks only the
