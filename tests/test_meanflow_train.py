@@ -376,3 +376,22 @@ def test_online_and_cache_give_the_same_loss(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4), k
         assert a["align_loss"] == pytest.approx(b["align_loss"], rel=2e-3, abs=2e-4)  # fp16 cached features
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_meanflow_vs_flow_smoke(capsys):
+    """``python -m bench.train_step --meanflow-only --smoke``: the meanflow table and its ratios
+    (no timing is asserted: only that every row is there and was timed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import train_step
+
+    res = train_step.main(["--smoke", "--meanflow-only", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert res["records"] == [] and "cached vs online" not in out  # --meanflow-only: no VAE, no online path
+    (r,) = res["meanflow"]
+    assert set(r["times"]) == {"flow step", "meanflow step", "meanflow: guidance pass",
+                               "meanflow: JVP (math attention)", "meanflow: gradient pass"}
+    assert all(v > 0 for v in r["times"].values())
+    assert "meanflow vs flow" in out and "meanflow/flow step time" in out and "--mf-preset b2" in out
