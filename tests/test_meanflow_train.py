@@ -391,7 +391,51 @@ def test_bench_meanflow_vs_flow_smoke(capsys):
     out = capsys.readouterr().out
     assert res["records"] == [] and "cached vs online" not in out  # --meanflow-only: no VAE, no online path
     (r,) = res["meanflow"]
-    assert set(r["times"]) == {"flow step", "meanflow step", "meanflow: guidance pass",
-                               "meanflow: JVP (math attention)", "meanflow: gradient pass"}
+    rows = {"flow step", "meanflow step", "meanflow: guidance pass", "meanflow: JVP (math attention)",
+            "meanflow: gradient pass", "meanflow: JVP, torch's linear rule"}
+    assert set(r["times"]) == set(r["flops_per_image"]) == rows
     assert all(v > 0 for v in r["times"].values())
+    f = r["flops_per_image"]  # counted on the meta device: exact, whatever the machine's load
+    assert f["flow step"] < f["meanflow step"] and f["meanflow: JVP (math attention)"] < f["meanflow: JVP, torch's linear rule"]
     assert "meanflow vs flow" in out and "meanflow/flow step time" in out and "--mf-preset b2" in out
+
+
+# ----------------------------------------------------------------------------- the JVP's cost
+
+
+def test_jvp_linears_run_two_matmuls_not_three(monkeypatch):
+    """PyTorch's forward-mode rule for a linear layer multiplies by a materialised zero weight
+    tangent (3 matmuls); ``du_dt`` routes linears through a rule with 2 (primal, ``x_t W^T``).
+    Same du/dt (float64), and exactly twice a forward's linear FLOPs (counted, not timed)."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import irepa.trainer.objectives.meanflow as mfmod
+
+    torch.manual_seed(0)
+    m = build_sit("SiT-S/2", input_size=4, in_channels=4, num_classes=4, z_dims=(), hidden_size=32, depth=2,
+                  num_heads=2, time_conditions=("t", "t-r")).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero weights everywhere (adaLN-Zero would make u = 0)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
+    loss = mfmod.MeanFlowLoss(m, mfmod.resolve_options(mfmod.MeanFlowOptions(), "SiT-S/2"))
+    z, vg = torch.randn(3, 4, 4, 4, dtype=torch.float64), torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    t, r, y = torch.tensor([0.9, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.1, 0.5, 0.0], dtype=torch.float64), \
+        torch.tensor([0, 1, 4])
+
+    def linear_flops(fc) -> int:
+        return sum(n for op, n in fc.get_flop_counts()["Global"].items() if str(op) in ("aten.addmm", "aten.mm"))
+
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        m(z, t, y, r=r)
+    with FlopCounterMode(display=False) as fast:
+        du_fast = loss.du_dt(z, t, r, vg, y)
+    monkeypatch.setattr(mfmod, "_TangentLinears", contextlib.nullcontext)  # PyTorch's own rule
+    with FlopCounterMode(display=False) as plain:
+        du_plain = loss.du_dt(z, t, r, vg, y)
+    assert du_fast.abs().max() > 1e-2
+    torch.testing.assert_close(du_fast, du_plain, rtol=0, atol=1e-12)
+    assert linear_flops(fwd) > 0 and linear_flops(fast) == 2 * linear_flops(fwd)
+    assert fast.get_total_flops() < plain.get_total_flops()

@@ -191,6 +191,55 @@ def math_attention(model: nn.Module) -> Iterator[None]:
             m.backend = b
 
 
+class _LinearTangent(torch.autograd.Function):
+    """``F.linear(x, W, b)`` with a dual ``x`` and plain ``W``, ``b``: tangent ``x_t W^T``.
+
+    PyTorch's forward-mode rule for ``addmm`` / ``mm`` fills the missing weight tangent with
+    materialised zeros and multiplies by them, so the JVP of a linear layer runs three matmuls
+    (primal, ``x_t W^T`` and ``x 0^T``): 3.2x a forward instead of 2x, measured on CPU. A custom
+    Function gets zeros for ``W``'s and ``b``'s tangents too, so :class:`_TangentLinears` routes
+    only calls whose weight and bias carry no tangent here, and the rule ignores theirs.
+    Forward-mode only: the JVP runs under ``no_grad``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, w_t: Any, b_t: Any) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return torch.nn.functional.linear(x_t, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # pragma: no cover - the JVP runs under no_grad
+        raise RuntimeError("_LinearTangent is forward-mode only (MeanFlow's du/dt runs under no_grad)")
+
+
+def _has_tangent(t: Any) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    return isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
+
+
+class _TangentLinears(torch.overrides.TorchFunctionMode):
+    """Inside this mode ``F.linear`` (every ``nn.Linear``) with a dual input and plain weight and
+    bias goes through :class:`_LinearTangent`; any other call runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _has_tangent(x) and not _has_tangent(weight) and not _has_tangent(bias):
+                return _LinearTangent.apply(x, weight, bias)
+        return func(*args, **kwargs)
+
+
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
@@ -265,7 +314,7 @@ class MeanFlowLoss(nn.Module):
 
         net = getattr(self.model, "_orig_mod", self.model)  # a torch.compile'd model: its eager module
         dt = z.dtype
-        with torch.no_grad(), math_attention(net), self._autocast(z.device), fwAD.dual_level():
+        with torch.no_grad(), math_attention(net), _TangentLinears(), self._autocast(z.device), fwAD.dual_level():
             zd = fwAD.make_dual(z, v_g.to(dt))
             td = fwAD.make_dual(t.to(dt), torch.ones_like(t, dtype=dt))
             rd = fwAD.make_dual(r.to(dt), torch.zeros_like(r, dtype=dt))
