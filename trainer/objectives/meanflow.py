@@ -36,7 +36,8 @@ the phase module's forward (the module DDP wraps):
    ``no_grad``, with the run's attention kernel (flash / memory-efficient SDPA on CUDA);
 2. target: a forward-mode JVP (``torch.autograd.forward_ad``, the machinery of ``torch.func.jvp``)
    of the plain (unwrapped) model, ``no_grad`` (no graph is kept), with the explicit ``math``
-   attention (the only path with a forward-mode rule);
+   attention (the only path with a forward-mode rule) and linear layers on a 2-matmul tangent rule
+   (:class:`_LinearTangent`; PyTorch's own multiplies by a zero weight tangent too);
 3. gradient: an ordinary forward of ``u`` through the model with the run's kernel, whose backward
    DDP all-reduces like any other step (pass 2 only feeds the stop-gradient target).
 
