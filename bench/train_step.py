@@ -23,8 +23,11 @@ step runs under bf16 autocast, as ``irepa-train`` does by default.
     python -m bench.train_step --real          # SiT-B/2 + SiT-XL/2 x DINOv2-B + SigLIP-B, 256 px, batch 64
 
 A second table times ``--objective meanflow`` against flow on the same model, batch and alignment
-(``meanflow_vs_flow``): the whole training step of each (cached input path), and MeanFlow's three
-passes alone (guidance forward, JVP on the math attention, gradient pass).
+(``meanflow_vs_flow``): the whole training step of each (cached input path, AdamW, clip, EMA), and
+MeanFlow's three passes alone (guidance forward, JVP on the math attention, gradient pass).
+
+    python -m bench.train_step --meanflow-only                 # that table alone (no VAE, no online path)
+    python -m bench.train_step --meanflow-only --mf-preset unguided   # without the guidance forward
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoders", default=None, help="comma list of encoder names (default: per size)")
     p.add_argument("--align", default="irepa", help="alignment preset for cached/online (default irepa)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="CUDA autocast (default bf16)")
+    p.add_argument("--meanflow-only", action="store_true",
+                   help="only the second table (--objective meanflow vs flow); no VAE, no online path")
+    p.add_argument("--mf-preset", default="b2", help="MeanFlow guidance preset of the meanflow table (default b2: "
+                                                     "one guidance forward of 2B; unguided: none)")
     add_common_args(p, repeats=5, warmup=2)
     return p.parse_args(argv)
 
@@ -188,7 +195,8 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
                      args) -> dict:
     """Step time of ``--objective meanflow`` vs flow on the same model size, batch, alignment and
     precision (AdamW, clip and EMA included, inputs already on the device), plus MeanFlow's
-    passes alone. Guidance: the release's B recipe (w 1.0, k 0.5: one 2B guidance forward)."""
+    passes alone. Guidance: ``--mf-preset`` (default the release's B recipe, w 1.0, k 0.5: one 2B
+    guidance forward; ``unguided``: none, and its guidance row times the no-op)."""
     from types import SimpleNamespace
 
     from irepa.trainer.align import AlignmentLoss, resolve_align
@@ -206,10 +214,11 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
     latent_norm = LatentNorm("sd", 0.18215, 0.0)
     mf_cls = get_objective("meanflow")
     cfg = SimpleNamespace(model=model_name, qk_norm=False, class_dropout=0.1, attn="sdpa", fused_align=True,
+                          sample_method=None,
                           **{k: overrides.get(k) for k in ("hidden_size", "depth", "num_heads", "patch_size")})
     data = DataSpec(latent_shape=(8, hw, hw), encoders=["enc"], feature_dims=[enc_dim], token_grids=[(grid, grid)],
                     num_classes=1000, latent_norm=latent_norm)
-    mf = mf_cls(cfg, mf_cls.Options(mf_preset="b2"), data, align_cfg, dev, amp)
+    mf = mf_cls(cfg, mf_cls.Options(mf_preset=args.mf_preset), data, align_cfg, dev, amp)
     g = torch.Generator(device="cpu").manual_seed(0)
     posterior = [torch.randn(batch, 4, hw, hw, generator=g), torch.rand(batch, 4, hw, hw, generator=g)]
     batch_in = {"latents": torch.cat(posterior, 1).to(dev),
@@ -268,10 +277,21 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
             loss = u.float().square().mean() + m.align(h, batch_in["features"])["loss"].float()
         loss.backward()
 
+    def jvp_torch_linear_rule() -> None:
+        """The JVP with PyTorch's own forward-mode rule for linear layers (a third, zero matmul)."""
+        import irepa.trainer.objectives.meanflow as mfmod
+
+        saved, mfmod._TangentLinears = mfmod._TangentLinears, contextlib.nullcontext
+        try:
+            m.du_dt(z0, d0["t"], d0["r"], v0, y_in)
+        finally:
+            mfmod._TangentLinears = saved
+
     fns = {"flow step": flow_step, "meanflow step": mf_step,
            "meanflow: guidance pass": lambda: m.guided_velocity(z0, d0["t"], v0, batch_in["label"], d0["drop"]),
            "meanflow: JVP (math attention)": lambda: m.du_dt(z0, d0["t"], d0["r"], v0, y_in),
-           "meanflow: gradient pass": grad_pass}
+           "meanflow: gradient pass": grad_pass,
+           "meanflow: JVP, torch's linear rule": jvp_torch_linear_rule}
     t = time_interleaved(fns, dev, args.warmup, args.repeats)
     peaks = {}
     if dev.type == "cuda":
@@ -282,6 +302,68 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
         torch.cuda.empty_cache()
     return dict(model=model_name, batch=batch, times={k: v.median for k, v in t.items()},
                 spread={k: v.spread for k, v in t.items()}, peaks=peaks)
+
+
+def meanflow_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg, preset: str) -> dict[str, int]:
+    """FLOPs per image of a flow step and of a MeanFlow step (and of its guidance and JVP passes;
+    the gradient pass is the rest), forward + backward, counted on the meta device with the plain
+    alignment composition (see :func:`step_flops`): the machine-independent floor of the ratio."""
+    from types import SimpleNamespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from irepa.trainer.align import AlignmentLoss
+    from irepa.trainer.data import LatentNorm
+    from irepa.trainer.loss import FlowMatching
+    from irepa.trainer.models import build_sit
+    from irepa.trainer.objectives import DataSpec, get_objective
+    from irepa.trainer.objectives.flow import FlowStep
+
+    hw, grid, b = R // 8, R // 16, 2
+    meta = torch.device("meta")
+    norm = LatentNorm("sd", 0.18215, 0.0)
+    cfg = SimpleNamespace(model=model_name, qk_norm=False, class_dropout=0.1, attn="sdpa", fused_align=False,
+                          sample_method=None,
+                          **{k: overrides.get(k) for k in ("hidden_size", "depth", "num_heads", "patch_size")})
+    data = DataSpec(latent_shape=(8, hw, hw), encoders=["enc"], feature_dims=[z_dim], token_grids=[(grid, grid)],
+                    num_classes=1000, latent_norm=norm)
+    cls = get_objective("meanflow")
+    mf = cls(cfg, cls.Options(mf_preset=preset), data, align_cfg, meta)
+    with meta:
+        flow_model = build_sit(model_name, input_size=hw, in_channels=4, num_classes=1000,
+                               encoder_depth=align_cfg.encoder_depth, z_dims=[z_dim], projector=align_cfg.projector,
+                               projector_kernel=align_cfg.kernel, projector_dim=align_cfg.projector_dim, **overrides)
+        mf_model = mf.build_model(mf.model_config())
+        lat = torch.randn(b, 4, hw, hw)
+        batch = {"latents": torch.randn(b, 8, hw, hw), "label": torch.zeros(b, dtype=torch.long),
+                 "features": [torch.randn(b, grid * grid, z_dim)]}
+        draws = {"post": lat, "eps": torch.randn_like(lat), "t": torch.rand(b), "r": torch.rand(b),
+                 "drop": torch.zeros(b, dtype=torch.bool)}
+    flow = FlowStep(flow_model, FlowMatching(), AlignmentLoss(flow_model.projectors, align_cfg, fused=False),
+                    align_cfg.coeff, norm, contextlib.nullcontext, ["enc"])
+    m = mf.phases(mf_model, {})[0].module
+    y = batch["label"]
+    runs = {"flow step": lambda: flow(batch, draws, {})["loss"].backward(),
+            "meanflow step": lambda: m(batch, draws, {})["loss"].backward(),
+            "meanflow: guidance pass": lambda: m.guided_velocity(lat, draws["t"], lat, y, draws["drop"]),
+            "meanflow: JVP (math attention)": lambda: m.du_dt(lat, draws["t"], draws["r"], lat, y)}
+    out = {}
+    for name, fn in runs.items():
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        out[name] = fc.get_total_flops() // b
+    import irepa.trainer.objectives.meanflow as mfmod
+
+    saved, mfmod._TangentLinears = mfmod._TangentLinears, contextlib.nullcontext
+    try:
+        with FlopCounterMode(display=False) as fc:
+            m.du_dt(lat, draws["t"], draws["r"], lat, y)
+        out["meanflow: JVP, torch's linear rule"] = fc.get_total_flops() // b
+    finally:
+        mfmod._TangentLinears = saved
+    out["meanflow: gradient pass"] = (out["meanflow step"] - out["meanflow: guidance pass"]
+                                      - out["meanflow: JVP (math attention)"])
+    return out
 
 
 def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) -> dict[str, int]:
@@ -330,6 +412,13 @@ def flow_draws(fm, batch: int, latent: tuple[int, int, int], dev: torch.device, 
             "eps": torch.randn(shape, generator=g, device=dev), "drop": torch.rand(batch, generator=g, device=dev) < 0.1}
 
 
+def encoder_dim(name: str, size: dict) -> int:
+    """Feature dim D of a registry encoder (built random on the CPU, then dropped)."""
+    from irepa.pipeline.encoders import load_encoder
+
+    return int(load_encoder(name, resolution=size["resolution"], pretrained=False, config=size["encoder_config"]).dim)
+
+
 def _amp(dev: torch.device, dtype):
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -353,12 +442,12 @@ def main(argv=None) -> dict:
     prec = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
     print(f"# sizes: {size_name}; {size['resolution']} px, batch {batch}, VAE {size['vae']}, align {args.align}, "
           f"{prec}; median of {args.repeats} interleaved steps after {args.warmup} warm-up")
-    vae = make_vae(size["vae"]).eval().to(dev)
+    vae = None if args.meanflow_only else make_vae(size["vae"]).eval().to(dev)
     work = Path(tempfile.mkdtemp(prefix="irepa-bench-step-"))
     records, rows, ratios = [], [], []
     mf_records, mf_rows = [], []
     try:
-        for model_name, overrides in models:
+        for model_name, overrides in models if not args.meanflow_only else []:
             for enc_name in encoders:
                 r = run_combo(model_name, overrides, enc_name, size, batch, dev, args, work, vae)
                 records.append(r)
@@ -375,29 +464,44 @@ def main(argv=None) -> dict:
                     (f"{tag}: (VAE + encoder)/online", (tm["online: VAE"] + tm["online: encoder"]) / tm["online"],
                      "share of the online step spent encoding"),
                 ]
+        if records:  # printed before the meanflow table, so that a time limit hit there keeps it
+            print_table(["model", "encoder", "input path", "step", "img/s", "spread", "peak mem"], rows,
+                        title="Train step: cached vs online vs no alignment")
+            for r in records:
+                f = r["flops_per_image"]
+                print(f"FLOPs per image: {r['model']} step {f['step no-align'] / 1e9:.1f} G (no align), "
+                      f"{f['step cached'] / 1e9:.1f} G ({args.align}); VAE encode {f['vae'] / 1e9:.1f} G; "
+                      f"{r['encoder']} {f['encoder'] / 1e9:.1f} G")
+            print(f"at {size['resolution']} px. spread: (max - min) / median of the repeats. "
+                  "peak mem: cuda allocator peak of one step above the resident model and optimizer (GPU only).",
+                  flush=True)
         for model_name, overrides in models:
-            enc_dim = next(r["enc_dim"] for r in records if r["model"] == model_name)
+            enc_dim = next((r["enc_dim"] for r in records if r["model"] == model_name), None)
+            if enc_dim is None:
+                enc_dim = encoder_dim(encoders[0], size)
             mr = meanflow_vs_flow(model_name, overrides, enc_dim, size, batch, dev, args)
+            from irepa.trainer.align import resolve_align
+
+            mr["flops_per_image"] = fl = meanflow_flops(model_name, overrides, size["resolution"], enc_dim,
+                                                        resolve_align(args.align), args.mf_preset)
             mf_records.append(mr)
             tm = mr["times"]
             for k in tm:
                 mf_rows.append([model_name, k, fmt_s(tm[k]), f"{batch / tm[k]:.1f}", f"{mr['spread'][k]:.2f}",
-                                fmt_bytes(mr["peaks"][k]) if k in mr["peaks"] else "n/a"])
+                                fmt_bytes(mr["peaks"][k]) if k in mr["peaks"] else "n/a", f"{fl[k] / 1e9:.4g} G"])
+            ratios.append((f"{model_name}: FLOPs meanflow/flow step", fl["meanflow step"] / fl["flow step"],
+                           "machine-independent floor of the step time ratio"))
             ratios.append((f"{model_name}: meanflow/flow step time", tm["meanflow step"] / tm["flow step"],
                            f"same model, batch, align {args.align}; expected 1.5-2.5"))
             ratios.append((f"{model_name}: meanflow JVP/gradient pass", tm["meanflow: JVP (math attention)"]
                            / tm["meanflow: gradient pass"], "cost of the target's JVP vs forward+backward"))
-        print_table(["model", "encoder", "input path", "step", "img/s", "spread", "peak mem"], rows,
-                    title="Train step: cached vs online vs no alignment")
-        print_table(["model", "step / pass", "time", "img/s", "spread", "peak mem"], mf_rows,
-                    title=f"Train step: --objective meanflow vs flow (cached, align {args.align})")
-        for r in records:
-            f = r["flops_per_image"]
-            print(f"FLOPs per image: {r['model']} step {f['step no-align'] / 1e9:.1f} G (no align), "
-                  f"{f['step cached'] / 1e9:.1f} G ({args.align}); VAE encode {f['vae'] / 1e9:.1f} G; "
-                  f"{r['encoder']} {f['encoder'] / 1e9:.1f} G")
-        print(f"at {size['resolution']} px. spread: (max - min) / median of the repeats. "
-              "peak mem: cuda allocator peak of one step above the resident model and optimizer (GPU only).")
+            ratios.append((f"{model_name}: meanflow JVP, linear rule here/torch's", tm["meanflow: JVP (math attention)"]
+                           / tm["meanflow: JVP, torch's linear rule"], "2 matmuls per linear instead of 3"))
+            ratios.append((f"{model_name}: meanflow guidance/gradient pass", tm["meanflow: guidance pass"]
+                           / tm["meanflow: gradient pass"], f"guidance forward ({args.mf_preset}) vs forward+backward"))
+        print_table(["model", "step / pass", "time", "img/s", "spread", "peak mem", "FLOPs / image"], mf_rows,
+                    title=f"Train step: --objective meanflow vs flow (cached, align {args.align}, "
+                          f"--mf-preset {args.mf_preset}, {size['resolution']} px, batch {batch})")
         print_ratios(ratios)
     finally:
         shutil.rmtree(work, ignore_errors=True)
