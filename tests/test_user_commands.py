@@ -290,3 +290,31 @@ def test_verify_checks_and_relink_fixes_a_moved_latents_store(tmp_path, images, 
     run_fire(COMMANDS, "irepa-cache", ["relink", str(feat), "--latents-from", str(moved)])
     assert verify_store(feat).ok and read_manifest(feat)["latents_from"]["path"] == "../elsewhere/lat"
     assert len(open_store(feat)) == 6
+
+
+def test_dinov2mixed_trains_from_the_dinov2_cache_with_cls(tmp_path, images):
+    """--encoders dinov2mixed-vit-b (the official name) aligns to 0.1 CLS + 0.9 patch tokens of the
+    cached dinov2-vit-b features: no second cache (issue 14)."""
+    import torch
+
+    from irepa.trainer.data import LoaderSpec
+    from irepa.trainer.run_data import CacheSource, Target
+
+    kw = dict(data=str(images), resolution=32, encoder_config="tiny", vae="tiny", num_workers=0, device="cpu",
+              progress=False, shard_size=4)
+    with_cls = build_store(out=str(tmp_path / "cls"), encoder="dinov2-vit-b", cls=True, **kw)
+    no_cls = build_store(out=str(tmp_path / "nocls"), encoder="dinov2-vit-b", **kw)
+    reader = open_store(with_cls)
+    src = CacheSource(reader, [Target("dinov2mixed-vit-b", "dinov2-vit-b", "dinov2mixed"), Target("dinov2-vit-b", "dinov2-vit-b")],
+                      LoaderSpec(global_batch=4, shuffle=False), 1, None, 0, torch.device("cpu"))
+    b = next(iter(src))
+    raw = reader.get_batch(b["index"].numpy())
+    mixed = 0.1 * raw["cls"]["dinov2-vit-b"][:, None, :] + 0.9 * raw["features"]["dinov2-vit-b"]
+    torch.testing.assert_close(b["features"][0], torch.as_tensor(mixed), rtol=1e-3, atol=1e-3)  # fp16 storage
+    torch.testing.assert_close(b["features"][1].float(), torch.as_tensor(raw["features"]["dinov2-vit-b"]),
+                               rtol=1e-3, atol=1e-3)
+    out = tmp_path / "run"
+    train(cache=str(with_cls), encoders="dinov2mixed-vit-b", steps=1, out=str(out))
+    assert "cosine/dinov2mixed-vit-b" in rows(out)[0]
+    with pytest.raises(ValueError, match="stores no CLS token for dinov2-vit-b; rebuild it with --cls"):
+        train(cache=str(no_cls), encoders="dinov2mixed-vit-b", steps=1, out=str(tmp_path / "r2"))

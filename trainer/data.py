@@ -243,6 +243,8 @@ class StoreBatches(_LazyStore, Dataset):
             out["latents"] = torch.as_tensor(np.asarray(b["latents"], dtype=np.float32))
         if "pixels" in self.inputs:
             out["pixels"] = torch.from_numpy(b["pixels"])  # uint8, mirrored where the flipped view was picked
+        if "cls" in self.inputs:
+            out["cls"] = {e: torch.as_tensor(v) for e, v in (b.get("cls") or {}).items() if e in self.encoders}
         return out
 
 
@@ -268,7 +270,7 @@ def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) ->
 
 
 #: what a batch can carry besides labels and features
-INPUTS = ("latents", "pixels")
+INPUTS = ("latents", "pixels", "cls")  # "cls": the CLS token of each selected encoder that stores one
 
 
 def _check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
@@ -301,6 +303,8 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
     lat = np.empty((n, *first["latents" + views[0]].shape), np.float32) if "latents" in inputs else None
     pix = np.empty((n, *first["pixels"].shape), np.uint8) if "pixels" in inputs else None
     feats = {e: np.empty((n, *first["features" + views[0]][e].shape), features_dtype) for e in encoders}
+    cls_first = (first.get("cls" + views[0]) or {}) if "cls" in inputs else {}
+    cls = {e: np.empty((n, *cls_first[e].shape), np.float32) for e in encoders if e in cls_first}
     keep = np.ones(n, dtype=bool)
     damaged: list[str] = []
     for i, (s, v) in enumerate(zip(samples, views)):
@@ -314,6 +318,8 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
             f = s["features" + v]
             for e in encoders:
                 _put(feats[e], i, f[e], s, f"features{v}[{e!r}]")
+            for e, arr in cls.items():
+                _put(arr, i, s["cls" + v][e], s, f"cls{v}[{e!r}]")
         except DamagedData as err:
             if on_damage != "skip":
                 raise
@@ -324,6 +330,7 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
         lat = lat[keep] if lat is not None else None
         pix = pix[keep] if pix is not None else None
         feats = {e: v[keep] for e, v in feats.items()}
+        cls = {e: v[keep] for e, v in cls.items()}
     out = {
         "index": torch.as_tensor(np.asarray([int(s["index"]) for s in samples], dtype=np.int64)),
         "label": torch.as_tensor(np.asarray([int(s["label"]) for s in samples], dtype=np.int64)),
@@ -334,6 +341,8 @@ def collate_samples(samples: list[dict], encoders: Sequence[str], flip: bool,
         out["latents"] = torch.from_numpy(lat)
     if pix is not None:
         out["pixels"] = torch.from_numpy(pix)
+    if "cls" in inputs:
+        out["cls"] = {e: torch.from_numpy(v) for e, v in cls.items()}
     return out
 
 
