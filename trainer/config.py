@@ -159,8 +159,10 @@ class SampleConfig:
     out: str = option("samples", "output folder: samples.npz (uint8 [N, H, W, 3] under arr_0) and grid.png")
     num_samples: int = option(64, "number of images (50000 for FID)")
     batch_size: int = option(32, "images per forward batch per rank")
-    method: str | None = option(None, "sampler (default: the objective's; flow: sde, REPA's headline)")
-    steps: int | None = option(None, "sampler steps (default: the objective's; flow: 250)")
+    method: str | None = option(None, "sampler (default: the objective's: flow sde (REPA's headline; also ode, "
+                                      "heun), meanflow its average-velocity steps, jit heun, repae sde)")
+    steps: int | None = option(None, "sampler steps (default: the objective's: flow 250, meanflow 1 NFE (2: 2-NFE), "
+                                     "jit 50, repae 250)")
     cfg_scale: float = option(1.0, "classifier-free guidance scale (REPA's FID setting: 1.8)")
     guidance_low: float | None = option(None, "CFG only for guidance_low <= t <= guidance_high (default: the "
                                               "objective's; flow: 0, REPA's interval)")
