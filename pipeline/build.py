@@ -34,7 +34,7 @@ from .vae import VaeEncoder, load_vae
 SAMPLE_PHOTOS = [p for p in SAMPLE_IMAGES.rglob("*.jpg")]
 
 #: BuildConfig fields that say where and how a build runs, not what it writes (left out of build_args)
-RUNTIME_FIELDS = ("out", "num_workers", "device", "progress", "resume", "repair")
+RUNTIME_FIELDS = ("out", "num_workers", "device", "progress", "resume", "repair", "overwrite")
 
 def shard_batches(writer: StoreWriter, shards: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row batches that never cross a shard boundary, in shard order."""
@@ -142,27 +142,20 @@ def _encode_batch(
     return out
 
 
-def _already_complete(out: str, fingerprint: str, encoders: list[str], resolution: int, format: str,
-                      flip: bool, feature_dtype: str, preprocess: str = "irepa", pixels: str | None = None) -> bool:
-    """True when `out` is a finished store of this dataset with these encoders and options, so a
-    rerun can stop before loading any model. Anything else goes through the writer's checks."""
+def _already_complete(out: str, fingerprint: str, build_args: dict) -> bool:
+    """True when `out` is a finished store of this dataset built with these very options (every
+    resolved build argument but where the data lives), so a rerun can stop before loading any
+    model. Anything else goes through the writer's checks (which refuse another build's store)."""
     from irepa.stores import read_manifest
 
     if not (Path(out) / "manifest.json").exists():
         return False
     m = read_manifest(out)
-    return (
-        m.get("state") == "complete"
-        and m["dataset"].get("fingerprint") == fingerprint
-        and list(m.get("encoders") or {}) == encoders
-        and m["image"].get("resolution") == resolution
-        and m.get("format") == format
-        and bool(m.get("flip")) == flip
-        and (m.get("pixels") or {}).get("codec") == pixels  # the pixel codec, None without pixels
-        and all(e.get("feature_dtype") == feature_dtype for e in m["encoders"].values())
-        # stores written before preprocessing profiles existed hold native-profile features
-        and all((e.get("preprocess") or {}).get("profile", "native") == preprocess for e in m["encoders"].values())
-    )
+    stored = dict(m.get("build_args") or {})
+    want = dict(build_args)
+    stored.pop("data", None)
+    want.pop("data", None)
+    return m.get("state") == "complete" and m["dataset"].get("fingerprint") == fingerprint and stored == want
 
 
 def _check_latents_from(path: str, fingerprint: str, resolution: int, flip: bool) -> dict:
@@ -207,12 +200,10 @@ def _build(cfg: BuildConfig) -> Path:
     feature_dtype, latent_dtype, precision, with_cls = cfg.feature_dtype, cfg.latent_dtype, cfg.precision, cfg.cls
     demo = cfg.demo
     encoder_names = _checked_encoders(cfg)  # canonical registry names; unknown ones fail here, at once
-    vae, encoder_config, shard_size = cfg.vae, cfg.encoder_config, cfg.shard_size
+    vae, encoder_config, shard_size = cfg.vae, cfg.encoder_config, cfg.shard_size or (4 if demo else 1024)
     if demo:  # the embedded default: tiny random models, small shards
         vae = vae or "tiny"
         encoder_config = encoder_config or "tiny"
-        if shard_size == 1024:
-            shard_size = 4
         if dist.main:
             print(f"irepa-cache build: no --data and no $IREPA_DATA: building the bundled demo ({len(SAMPLE_PHOTOS)} "
                   f"sample photos) with a tiny random VAE ({vae}) and tiny random {', '.join(encoder_names)} "
@@ -229,15 +220,29 @@ def _build(cfg: BuildConfig) -> Path:
         StoreLock.check(out)  # another build on this --out: fail now, naming it, before loading models
     if cfg.repair and dist.rank == 0:
         repair_store(out)
-    if cfg.resume and not (cfg.repair or cfg.overwrite) and _already_complete(
-            out, fingerprint, encoder_names, resolution, fmt, flip, feature_dtype, cfg.preprocess,
-            cfg.pixel_codec if cfg.pixels else None):
+    latents_from = cfg.latents_from
+    borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
+    if borrowed:  # rows must line up shard for shard with the store that holds the latents
+        for flag, given, used in (("--shard-size", cfg.shard_size, borrowed["shard_size"]),
+                                  ("--vae", cfg.vae, (borrowed.get("vae") or {}).get("id"))):
+            if given is not None and given != used and dist.main:
+                print(f"irepa-cache build: {flag} {given} is not used: with --latents-from the store follows "
+                      f"{latents_from} ({flag} {used})", flush=True)
+        shard_size = int(borrowed["shard_size"])
+    build_args = {  # the resolved options (what --config reloads); how the build ran is left out
+        **{k: v for k, v in to_json(cfg).items() if k not in RUNTIME_FIELDS},
+        "data": data if data is not None else BUNDLED,
+        "encoder": encoder_names,
+        "vae": vae_name if not borrowed else None,
+        "encoder_config": encoder_config,
+        "shard_size": shard_size,
+        "precision": effective_precision(dev, precision),
+    }
+    if cfg.resume and not (cfg.repair or cfg.overwrite) and _already_complete(out, fingerprint, build_args):
         if dist.rank == 0:
             print(f"store {out} is already complete for this build; nothing to do "
                   f"(irepa-cache verify {out} checks its files)")
         return Path(out)
-    latents_from = cfg.latents_from
-    borrowed = _check_latents_from(latents_from, fingerprint, resolution, flip) if latents_from else None
 
     weight_paths = parse_weights(cfg.weights, encoder_names)
     encoders = {
@@ -257,8 +262,6 @@ def _build(cfg: BuildConfig) -> Path:
     vae_model = None if (borrowed or no_vae) else load_vae(vae_name).eval().to(dev)
 
     if borrowed:
-        # rows must line up shard for shard with the store that holds the latents
-        shard_size = int(borrowed["shard_size"])
         vae_info = dict(borrowed["vae"])
         lat_c2, lat_h, lat_w = borrowed["arrays"]["latents"]["shape"][1:]
     elif no_vae:
@@ -315,16 +318,7 @@ def _build(cfg: BuildConfig) -> Path:
             }
             for name, enc in encoders.items()
         },
-        # the resolved options (what --config reloads); how the build ran is left out
-        "build_args": {
-            **{k: v for k, v in to_json(cfg).items() if k not in RUNTIME_FIELDS},
-            "data": data if data is not None else BUNDLED,
-            "encoder": encoder_names,
-            "vae": vae_name,
-            "encoder_config": encoder_config,
-            "shard_size": shard_size,
-            "precision": effective_precision(dev, precision),
-        },
+        "build_args": build_args,
     }
 
     existed = Path(out).exists()

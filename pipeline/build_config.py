@@ -26,13 +26,14 @@ class BuildConfig:
 
     data: str | None = option(None, "ImageFolder root, webdataset tar shards ('train-{000000..000146}.tar') "
                                     "or a .txt file list; default: $IREPA_DATA, else the bundled demo photos "
-                                    "(tiny random models)", metavar="PATH")
+                                    "(tiny random models)", metavar="PATH", shown="$IREPA_DATA, else the demo")
     out: str | None = option(None, "store directory (default stores/<encoder names as typed, joined by +>, so that "
-                                   "`irepa-cache build --encoder siglip` writes stores/siglip)", metavar="DIR")
-    encoder: list[str] | None = option(None, f"registry name(s) or raw timm ids, comma separated (default "
-                                             f"{DEFAULT_ENCODER}); all run on the same decoded batch", metavar="A,B")
-    vae: str | None = option(None, f"diffusers AutoencoderKL hub id or local folder (default {DEFAULT_VAE}), tiny, "
-                                   "or none (no latents: a pixel-only store, with --pixels)", metavar="ID")
+                                   "`irepa-cache build --encoder siglip` writes stores/siglip)", metavar="DIR",
+                              shown="stores/<encoders>")
+    encoder: list[str] | None = option(None, "registry name(s), aliases or raw timm ids, comma separated; all run "
+                                             "on the same decoded batch", metavar="A,B", shown=DEFAULT_ENCODER)
+    vae: str | None = option(None, "diffusers AutoencoderKL hub id or local folder, tiny (the demo's), or none "
+                                   "(no latents: a pixel-only store, with --pixels)", metavar="ID", shown=DEFAULT_VAE)
     resolution: int = option(256, "ADM center-crop size (256 or 512)")
     encoder_config: str | None = option(None, "tiny: a reduced random-initialised encoder (tests, demos)",
                                         choices=("tiny",))
@@ -52,7 +53,8 @@ class BuildConfig:
     cls: bool = option(False, "also store each encoder's CLS token")
     format: str = option("zarr", "zarr (random access) or wds (webdataset tar shards, streaming)",
                          choices=("zarr", "wds"))
-    shard_size: int = option(1024, "samples per shard file (with --latents-from: that store's)")
+    shard_size: int | None = option(None, "samples per shard file (the demo: 4; with --latents-from: that store's)",
+                                    metavar="N", shown="1024")
     batch_size: int = option(64, "images per forward pass")
     num_workers: int = option(4, "image-decoding DataLoader workers")
     resume: bool = option(True, "finish an interrupted build in place; --noresume refuses an existing store")
@@ -89,7 +91,7 @@ class BuildConfig:
         check_fields(self)
         self._check_pixels()
         for name in ("shard_size", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.num_workers < 0:
             raise OptionError(f"--num-workers must be >= 0; got {self.num_workers}")

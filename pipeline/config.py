@@ -49,14 +49,15 @@ class OptionError(ValueError):
 
 def option(default: Any = MISSING, help: str = "", *, choices: Sequence[Any] | None = None,
            positional: bool = False, metavar: str | None = None, default_factory: Any = MISSING,
-           hidden: bool = False) -> Any:
+           hidden: bool = False, shown: str | None = None) -> Any:
     """A dataclass field that carries its help text (and allowed values) for the CLI.
 
     ``positional`` fields are taken from bare arguments in order (a ``list`` one takes the rest).
-    ``hidden`` fields are accepted but left out of ``--help`` (tests, benchmarks).
+    ``hidden`` fields are accepted but left out of ``--help`` (tests, benchmarks). ``shown`` is the
+    default as ``--help`` states it when the field's default is a placeholder (None resolved later).
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
-            "positional": positional, "metavar": metavar, "hidden": hidden}
+            "positional": positional, "metavar": metavar, "hidden": hidden, "shown": shown}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -381,16 +382,35 @@ def resolve(cls: type, flags: Mapping[str, Any] | None = None, config: Mapping[s
             defaults[f.name] = f.default
         elif f.default_factory is not MISSING:  # type: ignore[misc]
             defaults[f.name] = f.default_factory()  # type: ignore[misc]
-    chosen = dict(presets({**conf, **flags}, dict(defaults))) if presets else {}
+    # A preset that the command line changes (directly, or through another preset: --objective jit
+    # implies --align irepa-official-jit) replaces the config file's values of the fields that
+    # preset sets; the file's other values stay. Repeat until no selector changes any more.
+    file_sel = dict(conf)
+    while True:
+        chosen = dict(presets({**conf, **flags}, dict(defaults))) if presets else {}
+        trial = dict(defaults)
+        for preset in chosen.values():
+            trial.update(preset)
+        trial.update(conf)
+        trial.update(flags)
+        drop: dict[str, list[str]] = {}
+        for selector, preset in chosen.items():
+            if selector in file_sel and trial.get(selector) != file_sel[selector]:
+                keys = [k for k in preset if k in conf and k not in flags]
+                if selector in conf and selector not in flags:
+                    keys.append(selector)
+                if keys:
+                    drop[selector] = sorted(set(keys))
+        if not drop:
+            break
+        for selector, keys in drop.items():
+            for k in keys:
+                conf.pop(k, None)
+            notes.append(f"{flag_name(selector)} is {trial.get(selector)} now (the config file had "
+                         f"{file_sel[selector]}): {where}'s {', '.join(k for k in keys if k != selector) or 'value'} "
+                         f"dropped in favour of that preset")
     values = dict(defaults)
     for selector, preset in chosen.items():
-        if selector in flags and selector in conf and flags[selector] != conf[selector]:
-            dropped = sorted(k for k in preset if k in conf and k not in flags)
-            for k in dropped:
-                conf.pop(k)
-            if dropped:
-                notes.append(f"{flag_name(selector)} {flags[selector]} given on the command line: {where}'s "
-                             f"{', '.join(dropped)} dropped in favour of that preset")
         for k, v in preset.items():
             if k not in names:
                 raise TypeError(f"preset {selector} sets unknown option {k!r}")  # a bug in a preset table
@@ -433,6 +453,8 @@ def to_json(obj: Any) -> dict[str, Any]:
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("shown"):
+        return str(f.metadata["shown"])
     if f.default is not MISSING:
         d = f.default
     elif f.default_factory is not MISSING:  # type: ignore[misc]

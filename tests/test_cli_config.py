@@ -125,7 +125,17 @@ def test_precedence_flag_config_preset_default(tmp_path):
     # a flag naming another preset drops the config file's values of that preset's fields
     cfg, _, notes = resolve_train({"align": "repa"}, str(conf))
     assert (cfg.projector, cfg.spatial_norm, cfg.proj_coeff, cfg.gamma) == ("mlp", "none", 0.5, 1.0)
-    assert notes and "--align repa" in notes[0] and "gamma" in notes[0]
+    assert notes and "--align is repa now (the config file had irepa)" in notes[0] and "gamma" in notes[0]
+    # a flag that changes a preset through another one: a flow run's resolved args + --objective jit
+    # gives JiT's own alignment recipe and optimiser, not a mix with the file's iREPA head
+    flow_args = tmp_path / "args.json"
+    flow_args.write_text(json.dumps({"objective": "flow", "model": "SiT-B/2", "align": "irepa", "projector": "conv",
+                                     "projector_kernel": 3, "spatial_norm": "zscore", "gamma": 1.0, "proj_coeff": 1.0,
+                                     "betas": [0.9, 0.999], "batch_size": 64}))
+    cfg, _, notes = resolve_train({"objective": "jit"}, str(flow_args))
+    assert (cfg.model, cfg.align, cfg.gamma, cfg.proj_coeff, cfg.betas) == (
+        "JiT-B/16", "irepa-official-jit", 0.8, 0.5, (0.9, 0.95))
+    assert cfg.batch_size == 64 and any("--align is irepa-official-jit now" in n for n in notes)
     with pytest.raises(OptionError, match=r"unknown option\(s\) gama \(did you mean gamma\?\)"):
         resolve_train(config={"gama": 1.0})
     with pytest.raises(ValueError, match=r"unknown --objective 'flwo': expected one of .*flow.*; did you mean flow"):

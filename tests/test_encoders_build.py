@@ -53,10 +53,9 @@ def test_build_records_profile_and_precision_and_inspect_shows_them(tmp_path):
     np.testing.assert_allclose(got["features"]["pe-vit-b"][0], p[0].numpy(), rtol=2e-3, atol=2e-3 * p.abs().max().item())
     text = format_description(describe_store(out))
     assert "preprocess irepa: mean=[0.485, 0.456, 0.406]" in text and "interpolation=bilinear" in text
-    assert not _already_complete(str(out), m["dataset"]["fingerprint"], ["siglip-vit-b", "pe-vit-b"], 256,
-                                 "zarr", False, "float16", preprocess="native")
-    assert _already_complete(str(out), m["dataset"]["fingerprint"], ["siglip-vit-b", "pe-vit-b"], 256,
-                             "zarr", False, "float16", preprocess="irepa")
+    # a rerun is "already complete" only with the very same resolved options (the profile included)
+    assert not _already_complete(str(out), m["dataset"]["fingerprint"], {**m["build_args"], "preprocess": "native"})
+    assert _already_complete(str(out), m["dataset"]["fingerprint"], dict(m["build_args"]))
 
 
 def test_native_build_and_stores_from_before_profiles(tmp_path):
@@ -72,8 +71,7 @@ def test_native_build_and_stores_from_before_profiles(tmp_path):
     d = describe_store(out)
     assert d["encoders"]["siglip-vit-b"]["preprocess"] == {"profile": "native"}
     assert "preprocess native: (store built before profiles)" in format_description(d)
-    assert _already_complete(str(out), m["dataset"]["fingerprint"], ["siglip-vit-b"], 256, "zarr", False,
-                             "float16", preprocess="native")
+    assert _already_complete(str(out), m["dataset"]["fingerprint"], dict(m["build_args"]))
     with pytest.raises(ValueError, match=r"--preprocess must be one of irepa, native; got 'repa' \(did you mean irepa\?\)"):
         build_store(out=str(tmp_path / "x"), encoder="siglip-vit-b", preprocess="repa", **TINY)
     with pytest.raises(ValueError, match="--precision must be one of bf16, fp16, fp32; got 'half'"):

@@ -318,3 +318,22 @@ def test_dinov2mixed_trains_from_the_dinov2_cache_with_cls(tmp_path, images):
     assert "cosine/dinov2mixed-vit-b" in rows(out)[0]
     with pytest.raises(ValueError, match="stores no CLS token for dinov2-vit-b; rebuild it with --cls"):
         train(cache=str(no_cls), encoders="dinov2mixed-vit-b", steps=1, out=str(tmp_path / "r2"))
+
+
+def test_a_rerun_is_complete_only_with_the_same_options(tmp_path, images, capsys):
+    """A finished store answers 'nothing to do' to the same command only: --cls, a different VAE or
+    tiny vs pretrained encoders go through the full checks (and are refused as another build)."""
+    out = tmp_path / "s"
+    base = ["build", "--data", str(images), "--out", str(out), "--encoder", "dinov2-vit-s", *TINY_BUILD]
+    run_fire(COMMANDS, "irepa-cache", base)
+    capsys.readouterr()
+    run_fire(COMMANDS, "irepa-cache", base)
+    assert "already complete for this build; nothing to do" in capsys.readouterr().out
+    for extra in (["--cls"], ["--vae", "tiny:1"]):
+        with pytest.raises(SystemExit):
+            run_fire(COMMANDS, "irepa-cache", [*base, *extra])
+        err = capsys.readouterr().err
+        assert "was started by a different build" in err or "differing fields" in err, err
+    # --overwrite is how the build ran, not what it wrote: reloading build_args never deletes a store
+    run_fire(COMMANDS, "irepa-cache", [*base, "--overwrite"])
+    assert "overwrite" not in read_manifest(out)["build_args"]
