@@ -250,3 +250,22 @@ def test_build_format_choices_are_the_store_backends():
 
     f = {x.name: x for x in dataclasses.fields(BuildConfig)}["format"]
     assert tuple(f.metadata["choices"]) == tuple(BACKENDS)
+
+
+def test_step_draws_do_not_depend_on_how_the_batch_is_split():
+    """Rows of a step's draws are the same whatever rows a rank or micro-batch asks for (blocks of
+    DRAW_BLOCK rows seeded by (seed, step, block)): N ranks == 1 rank, and no rank draws the whole
+    global batch."""
+    from irepa.trainer.objectives import DataSpec, get_objective
+    from irepa.trainer.train import DRAW_BLOCK, draw_rows
+
+    cfg, opts, _ = resolve_train({})
+    flow = get_objective("flow")(cfg, opts, DataSpec(latent_shape=(8, 4, 4)), None, torch.device("cpu"))
+    whole = draw_rows(flow, 3, 7, 0, 200, torch.device("cpu"))
+    parts = [draw_rows(flow, 3, 7, lo, hi, torch.device("cpu")) for lo, hi in ((0, 37), (37, 130), (130, 200))]
+    for key, v in whole.items():
+        assert v.shape[0] == 200
+        assert torch.equal(v, torch.cat([p[key] for p in parts])), key
+    other_step = draw_rows(flow, 3, 8, 0, 200, torch.device("cpu"))
+    assert not torch.equal(whole["eps"], other_step["eps"])
+    assert DRAW_BLOCK < 200  # the test crosses block boundaries

@@ -184,7 +184,10 @@ def test_two_process_torchrun_matches_one_process(tmp_path, store):
     torch.manual_seed(0)  # the run's seed: the weights at step 0
     start = build_sit(mc.pop("name"), **mc).state_dict()
     for name, t in p1["model"].items():
-        torch.testing.assert_close(t, p2["model"][name], rtol=1e-5, atol=1e-6)
+        # float32 sums in another order (2 ranks x 2 micro-batches vs one batch of 8; the JVP's
+        # tangent products too): Adam turns the rounding of near-zero gradients into update
+        # differences of a few 1e-6 after 3 steps at lr 1e-3
+        torch.testing.assert_close(t, p2["model"][name], rtol=1e-5, atol=5e-6)
     # the (t - r) embedder trains too (its gradient is all-reduced like the rest)
     assert any(not torch.equal(t, start[k]) for k, t in p1["model"].items() if k.startswith("h_embedder."))
 

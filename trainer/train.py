@@ -36,7 +36,11 @@ from irepa.trainer.run_data import open_run_data
 from irepa.trainer.run_log import MetricsLog, RunLog
 from irepa.trainer.sample import PreviewSampler
 
-__all__ = ["TrainConfig", "run", "update_ema", "slice_draws"]
+__all__ = ["TrainConfig", "run", "update_ema", "draw_rows", "DRAW_BLOCK"]
+
+#: rows of a step's draws made from one generator: rows [lo, hi) of the global batch come from
+#: blocks k = lo // DRAW_BLOCK ... of DRAW_BLOCK rows, block k seeded by (seed, step, k)
+DRAW_BLOCK = 64
 
 
 @torch.no_grad()
@@ -49,9 +53,18 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def slice_draws(draws: dict[str, torch.Tensor], sl: slice) -> dict[str, torch.Tensor]:
-    """This micro-batch's rows of every global-batch draw."""
-    return {k: v[sl] for k, v in draws.items()}
+def draw_rows(objective: Any, seed: int, step: int, lo: int, hi: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows ``[lo, hi)`` of step ``step``'s draws for the global batch. Rows come in blocks of
+    :data:`DRAW_BLOCK` seeded by ``(seed, step, block)``: a rank draws only the blocks its rows lie
+    in (not the whole global batch: JiT's pixel noise at batch 1024 would be 0.8 GB per rank),
+    and any split of the batch over ranks and micro-batches sees the same numbers per row."""
+    k0, k1 = lo // DRAW_BLOCK, (hi - 1) // DRAW_BLOCK + 1
+    parts = []
+    for k in range(k0, k1):
+        g = torch.Generator(device=device).manual_seed(mix_seed("step", seed, step, k))
+        parts.append(objective.draw(DRAW_BLOCK, g, device))
+    off = lo - k0 * DRAW_BLOCK
+    return {key: torch.cat([p[key] for p in parts])[off:off + hi - lo] for key in parts[0]}
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
@@ -214,8 +227,6 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     mb = spec.micro
     try:
         while step < cfg.steps:
-            g = torch.Generator(device=d.device).manual_seed(mix_seed("step", cfg.seed, step))
-            draws = objective.draw(cfg.batch_size, g, d.device)
             if it is None:
                 it = iter(source)
             t_wait = time.perf_counter()
@@ -225,7 +236,10 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                 for msg in batch.get("damaged") or []:
                     damaged += 1
                     log(f"skipped a damaged sample (--skip-damaged): {msg}")
-            carries: list[dict] = [{} for _ in micro]
+            carries: list[dict] = [{"step": step} for _ in micro]  # shared by the phases of a micro-batch
+            first = d.rank * spec.rank_batch
+            draws = [draw_rows(objective, cfg.seed, step, first + k * mb, first + (k + 1) * mb, d.device)
+                     for k in range(cfg.grad_accum)]
             lr_now = lr * min(1.0, step / warmup) if warmup > 0 else lr
             for phase in phases:
                 if step % phase.every:
@@ -238,10 +252,9 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                     n = len(batch["label"])  # mb, or fewer when --skip-damaged left samples out
                     if n != mb and not (cfg.skip_damaged and 0 < n < mb):
                         raise RuntimeError(f"loader gave {n} samples, expected {mb}")
-                    lo = d.rank * spec.rank_batch + k * mb
                     sync = k == cfg.grad_accum - 1 or not d.enabled
                     with contextlib.nullcontext() if sync else runner.no_sync():
-                        res = runner(batch, slice_draws(draws, slice(lo, lo + n)), carries[k])
+                        res = runner(batch, {key: v[:n] for key, v in draws[k].items()}, carries[k])
                         (res["loss"] / cfg.grad_accum).backward()
                     _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name)
                 clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
