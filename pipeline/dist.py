@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "from_env", "setup", "barrier", "fail_together", "teardown"]
+__all__ = ["Dist", "OtherRankFailed", "from_env", "setup", "barrier", "fail_together", "teardown"]
+
+
+class OtherRankFailed(ValueError):
+    """Raised on the ranks that did not fail themselves (one line: the failing rank prints why)."""
 
 
 @dataclass
@@ -82,7 +86,7 @@ def fail_together(d: Dist, err: BaseException | None) -> None:
     if int(flag.item()):
         if err is not None:
             raise err
-        raise RuntimeError("another rank failed (see its message)")
+        raise OtherRankFailed("another rank failed (see its message)")
 
 
 def teardown(d: Dist) -> None:

@@ -121,7 +121,7 @@ def test_cli_config_resolves_the_objective_preset_and_refuses_bad_flags(tmp_path
     with pytest.raises(ValueError, match="needs the null class: --class-dropout > 0"):
         train(cache=str(store), class_dropout=0.0, out=str(tmp_path / "r"))
     # a flow sampler for the previews would stop the run at its first preview: refused before step 0
-    with pytest.raises(ValueError, match="--sample-method 'sde': --objective meanflow previews with"):
+    with pytest.raises(ValueError, match="--sample-method sde is not a sampler of --objective meanflow: meanflow, ode"):
         train(cache=str(store), sample_method="sde", sample_every=2, out=str(tmp_path / "r"))
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and latest_checkpoint(tmp_path / "r") is None
 

@@ -337,3 +337,14 @@ def test_a_rerun_is_complete_only_with_the_same_options(tmp_path, images, capsys
     # --overwrite is how the build ran, not what it wrote: reloading build_args never deletes a store
     run_fire(COMMANDS, "irepa-cache", [*base, "--overwrite"])
     assert "overwrite" not in read_manifest(out)["build_args"]
+
+
+def test_a_sampler_the_previews_would_fail_on_is_refused_before_step_0(tmp_path, stores):
+    a, _, _ = stores
+    for kw, msg in ((dict(sample_method="euler"), "--sample-method euler is not a sampler of --objective flow"),
+                    (dict(sample_method="sde", sample_steps=1), "--sample-method sde needs --sample-steps >= 2"),
+                    (dict(sample_steps=0), "--sample-steps must be >= 1")):
+        out = tmp_path / "r"
+        with pytest.raises(OptionError, match=msg):
+            train(cache=str(a), steps=20, sample_every=10, out=str(out), **kw)
+        assert not (out / "checkpoints").exists()

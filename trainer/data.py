@@ -425,7 +425,7 @@ class WdsStreams(_LazyStore, IterableDataset):
         while True:
             length = sum(self.shard_counts[i] for i in self.stream_shards(stream, epoch))
             if length == 0:
-                raise RuntimeError(
+                raise ValueError(
                     f"store {self.path}: stream {stream} of rank {self.spec.rank} has no samples in epoch "
                     f"{epoch}; use fewer DataLoader workers or ranks")
             if skip >= length:  # skip whole epochs without reading them

@@ -54,7 +54,7 @@ class ImageBatches(Dataset):
             try:
                 arr = decode_and_crop(self.source.read_bytes(row), self.resolution, name=key)
             except DecodeError as e:
-                raise RuntimeError(f"--online: sample {i} (row {row}, {key}) cannot be decoded: {e.reason}") from e
+                raise ValueError(f"--online: sample {i} (row {row}, {key}) cannot be decoded: {e.reason}") from e
             if flip is not None and flip[k]:
                 arr = arr[:, ::-1]
             images.append(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -129,6 +129,8 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     model_config = objective.model_config()
     init_sd = load_foreign_checkpoint(cfg.init_from) if (cfg.init_from and ckpt is None) else None
     args_json, identity = train_to_json(cfg, objective.opts), data.identity()  # options as the objective resolved them
+    if cfg.sample_every > 0 or cfg.eval_every > 0:  # not at the first preview, thousands of steps in
+        objective.check_sampling(cfg.sample_method, cfg.sample_steps)
     if cfg.compile:
         objective.check_compile()
     if ckpt is not None:
@@ -219,6 +221,7 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
     # ---- the loop
     last: dict = {}
     window: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     window_steps, t_window, t_start, wait, damaged = 0, time.perf_counter(), time.perf_counter(), 0.0, 0
     it = None  # the loader starts on the first step (none when the run is already finished)
     for m in [model, *extra.values()]:
@@ -250,16 +253,20 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                 opt.zero_grad(set_to_none=True)
                 for k, batch in enumerate(micro):
                     n = len(batch["label"])  # mb, or fewer when --skip-damaged left samples out
+                    if n == 0 and cfg.skip_damaged:
+                        raise ValueError(f"--skip-damaged: every sample of a micro-batch of {mb} in {data.where} "
+                                         "failed its checksum; too much of the store is damaged to train on: run "
+                                         f"irepa-cache verify {data.where}, then build --repair")
                     if n != mb and not (cfg.skip_damaged and 0 < n < mb):
                         raise RuntimeError(f"loader gave {n} samples, expected {mb}")
                     sync = k == cfg.grad_accum - 1 or not d.enabled
                     with contextlib.nullcontext() if sync else runner.no_sync():
                         res = runner(batch, {key: v[:n] for key, v in draws[k].items()}, carries[k])
                         (res["loss"] / cfg.grad_accum).backward()
-                    _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name)
+                    _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name, counts, k == 0)
                 clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
                 grad_norm = torch.nn.utils.clip_grad_norm_(phase.params, clip if clip > 0 else float("inf"))
-                _accumulate(window, phase.name, {"grad_norm": grad_norm}, 1, phases[0].name)
+                _accumulate(window, phase.name, {"grad_norm": grad_norm}, 1, phases[0].name, counts, True)
                 opt.step()
             for ema, decay in zip(emas, cfg.ema):
                 update_ema(ema, model, decay)
@@ -268,7 +275,7 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
             if bar is not None:
                 bar.update(1)
             if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
-                rec = _log_record(window, window_steps, time.perf_counter() - t_window, step, lr_now, cfg,
+                rec = _log_record(window, counts, window_steps, time.perf_counter() - t_window, step, lr_now, cfg,
                                   getattr(source, "num_samples", 1), d)
                 rec.update(elapsed_s=time.perf_counter() - t_start, time=time.time(),
                            data_wait_s=wait / window_steps)
@@ -282,7 +289,7 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", cos=f"{rec.get('cosine', 0.0):.3f}",
                                     img_s=f"{rec['img_per_s']:.1f}")
-                window, window_steps, t_window, wait = {}, 0, time.perf_counter(), 0.0
+                window, counts, window_steps, t_window, wait = {}, {}, 0, time.perf_counter(), 0.0
             if cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0 and step < cfg.steps:
                 save(step)
             if cfg.sample_every > 0 and step % cfg.sample_every == 0:
@@ -304,20 +311,25 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
 
 
 def _accumulate(window: dict[str, torch.Tensor], phase: str, res: dict[str, torch.Tensor], n: int,
-                first: str) -> None:
-    """Add a phase's logged scalars (``loss`` detached) to the window, averaged over ``n`` micro-batches.
+                first: str, counts: dict[str, int], new_step: bool) -> None:
+    """Add a phase's logged scalars (``loss`` detached) to the window, averaged over ``n`` micro-batches;
+    ``counts`` holds the steps each key was logged in (a phase with ``every`` > 1 logs on fewer).
     The first phase logs under plain names, the others as ``<phase>/<name>``."""
     for k, v in res.items():
         key = k if phase == first else f"{phase}/{k}"
         val = v.detach().double() / n
         window[key] = window[key] + val if key in window else val
+        if new_step:
+            counts[key] = counts.get(key, 0) + 1
 
 
-def _log_record(window: dict[str, torch.Tensor], steps: int, dt: float, step: int, lr: float, cfg: TrainConfig,
-                num_samples: int, d: distributed.Dist) -> dict:
-    """One metrics.jsonl row: every logged scalar averaged over the window (and ranks)."""
+def _log_record(window: dict[str, torch.Tensor], counts: dict[str, int], steps: int, dt: float, step: int, lr: float,
+                cfg: TrainConfig, num_samples: int, d: distributed.Dist) -> dict:
+    """One metrics.jsonl row: every logged scalar averaged over the steps of the window it was
+    logged in (and over ranks)."""
     keys = sorted(window)
-    vals = torch.stack([window[k] for k in keys]) / max(1, steps) if keys else torch.zeros(0, dtype=torch.float64)
+    vals = (torch.stack([window[k] / max(1, counts.get(k, steps)) for k in keys]) if keys
+            else torch.zeros(0, dtype=torch.float64))
     if d.enabled and keys:
         import torch.distributed as dist
         dist.all_reduce(vals)

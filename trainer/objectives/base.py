@@ -178,6 +178,18 @@ class Objective:
     #: sampler settings of the preview grid in training and of ``irepa-sample`` when not given
     preview_sampling: ClassVar[dict[str, Any]] = {"method": None, "steps": None}
     final_sampling: ClassVar[dict[str, Any]] = {"method": None, "steps": None}
+    #: the ``method`` values :meth:`sample` takes (empty: not checked up front)
+    sample_methods: ClassVar[tuple[str, ...]] = ()
+
+    def check_sampling(self, method: str | None, steps: int | None) -> None:
+        """Refuse (one line, before step 0) a sampler the previews / FID tracking would fail on."""
+        from irepa.pipeline.config import OptionError
+
+        if method is not None and self.sample_methods and method not in self.sample_methods:
+            raise OptionError(f"--sample-method {method} is not a sampler of --objective {self.name}: "
+                              f"{', '.join(self.sample_methods)}")
+        if steps is not None and steps < 1:
+            raise OptionError(f"--sample-steps must be >= 1; got {steps}")
 
     def noise_shape(self) -> tuple[int, ...]:
         """Shape of one sample's starting noise (e.g. the latent ``(C, h, w)``)."""

@@ -147,6 +147,14 @@ class Flow(Objective):
     Options = FlowOptions
     preview_sampling = {"method": "ode", "steps": 50}
     final_sampling = {"method": "sde", "steps": 250}
+    sample_methods = ("ode", "sde", "heun")
+
+    def check_sampling(self, method: str | None, steps: int | None) -> None:
+        super().check_sampling(method, steps)
+        if (method or self.preview_sampling["method"]) == "sde" and steps is not None and steps < 2:
+            from irepa.pipeline.config import OptionError
+
+            raise OptionError(f"--sample-method sde needs --sample-steps >= 2; got {steps}")
 
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):

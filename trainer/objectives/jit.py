@@ -244,6 +244,7 @@ class JiTObjective(Objective):
     Options = JiTOptions
     preview_sampling = {"method": None, "steps": None}  # None: --sampler / --sampling-steps
     final_sampling = {"method": None, "steps": None}
+    sample_methods = (*SAMPLERS, "ode")  # "ode" is read as euler
 
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):

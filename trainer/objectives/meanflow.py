@@ -419,13 +419,13 @@ class MeanFlow(Objective):
     #: with 1 NFE
     preset: ClassVar[dict[str, Any]] = {"betas": (0.9, 0.95), "grad_clip": 0.0, "sample_steps": 1}
     Options: ClassVar[type | None] = MeanFlowOptions
-    #: ``--compile`` works: the JVP runs eagerly (excluded with ``torch.compiler.disable``)
-    supports_compile: ClassVar[bool] = True
     #: previews and ``irepa-sample`` take 1 NFE unless ``--sample-steps`` / ``--steps`` say otherwise
     preview_sampling: ClassVar[dict[str, Any]] = {"method": "meanflow", "steps": 1}
     final_sampling: ClassVar[dict[str, Any]] = {"method": "meanflow", "steps": 1}
     #: keys a flow SiT checkpoint lacks: ``--init-from`` a flow SiT leaves them at their init
     init_missing_ok: ClassVar[tuple[str, ...]] = ("h_embedder.",)
+    #: its average-velocity steps ('ode' an alias); --sample-steps sets the NFE
+    sample_methods: ClassVar[tuple[str, ...]] = SAMPLE_METHODS
 
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):
@@ -434,10 +434,6 @@ class MeanFlow(Objective):
         if data.latent_shape is None:
             raise ValueError(f"--objective meanflow trains on VAE latents, but {data.store or 'the data'} has none "
                              "(a pixel-only store); build one with a VAE")
-        method = getattr(cfg, "sample_method", None)
-        if method is not None and method not in SAMPLE_METHODS:  # else the first preview would stop the run
-            raise ValueError(f"--sample-method {method!r}: --objective meanflow previews with its average-velocity "
-                             f"steps (method 'meanflow', alias 'ode'; --sample-steps sets the NFE)")
         o = self.opts
         if float(cfg.class_dropout) <= 0 and (o.mf_cfg_w != 1.0 or o.mf_cfg_k != 0.0):
             raise ValueError(f"--objective meanflow with guidance (--mf-preset {o.mf_preset}: w {o.mf_cfg_w}, "
