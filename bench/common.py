@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from irepa.pipeline.defaults import SD_VAE_SCALE
+
 __all__ = [
     "add_common_args", "setup", "resolve_device", "sync", "time_fn", "time_interleaved", "Timing",
     "peak_memory", "saved_tensor_bytes", "print_table", "print_ratios", "machine_line",
@@ -201,7 +203,7 @@ SD_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu",
-    latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+    latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=SD_VAE_SCALE,
 )
 
 

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from irepa.pipeline.defaults import SD_VAE_SCALE
+
 from bench.common import add_common_args, fmt_bytes, print_ratios, print_table, setup, write_json
 
 IMAGENET = 1_281_167
@@ -93,7 +95,7 @@ def write_store(path: Path, fmt: str, *, rows: int, shard: int, tokens: int, dim
     info = {
         "dataset": {"source": "bench", "num_classes": 1000, "class_names": [f"c{i}" for i in range(1000)]},
         "image": {"resolution": latent_side * 8, "crop": "adm"},
-        "vae": {"id": "bench", "latent_channels": LATENT_C, "scaling_factor": 0.18215, "shift_factor": 0.0},
+        "vae": {"id": "bench", "latent_channels": LATENT_C, "scaling_factor": SD_VAE_SCALE, "shift_factor": 0.0},
         "encoders": {e: {"timm_id": "bench", "weights_sha256": None, "token_grid": [side, side],
                          "input_size": side * 16} for e in dims},
         "build_args": {"bench": True},

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from irepa.pipeline.defaults import SD_VAE_SCALE
+
 from bench.common import (add_common_args, count_flops, fmt_bytes, fmt_s, make_vae, peak_memory, print_ratios,
                           print_table, sample_images, setup, time_interleaved, write_json)
 
@@ -115,7 +117,7 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
     fm = FlowMatching("linear", "uniform")
     amp = torch.bfloat16 if (dev.type == "cuda" and args.precision == "bf16") else None
-    latent_norm = LatentNorm("sd", 0.18215, 0.0)
+    latent_norm = LatentNorm("sd", SD_VAE_SCALE, 0.0)
     objectives = {
         "aligned": FlowStep(model, fm, AlignmentLoss(model.projectors, align_cfg), align_cfg.coeff, latent_norm,
                             lambda: _amp(dev, amp), [enc_name]),
@@ -211,7 +213,7 @@ def meanflow_vs_flow(model_name: str, overrides: dict, enc_dim: int, size: dict,
     hw, grid = R // 8, R // 16
     align_cfg = resolve_align(args.align)
     amp = torch.bfloat16 if (dev.type == "cuda" and args.precision == "bf16") else None
-    latent_norm = LatentNorm("sd", 0.18215, 0.0)
+    latent_norm = LatentNorm("sd", SD_VAE_SCALE, 0.0)
     mf_cls = get_objective("meanflow")
     cfg = SimpleNamespace(model=model_name, qk_norm=False, class_dropout=0.1, attn="sdpa", fused_align=True,
                           sample_method=None,
@@ -321,7 +323,7 @@ def meanflow_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_c
 
     hw, grid, b = R // 8, R // 16, 2
     meta = torch.device("meta")
-    norm = LatentNorm("sd", 0.18215, 0.0)
+    norm = LatentNorm("sd", SD_VAE_SCALE, 0.0)
     cfg = SimpleNamespace(model=model_name, qk_norm=False, class_dropout=0.1, attn="sdpa", fused_align=False,
                           sample_method=None,
                           **{k: overrides.get(k) for k in ("hidden_size", "depth", "num_heads", "patch_size")})
@@ -391,7 +393,7 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
     # FlopCounterMode cannot follow the fused Function's recompute inside backward, so the
     # plain composition is counted and the fused one adds one more projector forward.
     for name, align in (("no-align", None), ("cached plain", AlignmentLoss(model.projectors, align_cfg, fused=False))):
-        obj = FlowStep(model, fm, align, align_cfg.coeff if align else 0.0, LatentNorm("sd", 0.18215, 0.0),
+        obj = FlowStep(model, fm, align, align_cfg.coeff if align else 0.0, LatentNorm("sd", SD_VAE_SCALE, 0.0),
                        contextlib.nullcontext, ["enc"] if align else [])
         with FlopCounterMode(display=False) as fc:
             obj({"latents": lat, "label": y, "features": [z] if align else []}, draws, {})["loss"].backward()
@@ -405,18 +407,14 @@ def step_flops(model_name: str, overrides: dict, R: int, z_dim: int, align_cfg) 
 
 
 def flow_draws(fm, batch: int, latent: tuple[int, int, int], dev: torch.device, seed: int) -> dict:
-    """The flow objective's draws of one step (posterior noise, t, eps, label drop), as it makes them."""
-    g = torch.Generator(device=dev).manual_seed(seed)
-    shape = (batch, *latent)
-    return {"post": torch.randn(shape, generator=g, device=dev), "t": fm.sample_t(batch, dev, g),
-            "eps": torch.randn(shape, generator=g, device=dev), "drop": torch.rand(batch, generator=g, device=dev) < 0.1}
+    """The flow objective's own draws of one step (posterior noise, t, eps, label drop)."""
+    from irepa.trainer.config import TrainConfig
+    from irepa.trainer.objectives import DataSpec
+    from irepa.trainer.objectives.flow import Flow, FlowOptions
 
-
-def encoder_dim(name: str, size: dict) -> int:
-    """Feature dim D of a registry encoder (built random on the CPU, then dropped)."""
-    from irepa.pipeline.encoders import load_encoder
-
-    return int(load_encoder(name, resolution=size["resolution"], pretrained=False, config=size["encoder_config"]).dim)
+    flow = Flow(TrainConfig(), FlowOptions(fm.path, fm.time_sampler), DataSpec(latent_shape=(2 * latent[0], *latent[1:])),
+                None, dev)
+    return flow.draw(batch, torch.Generator(device=dev).manual_seed(seed), dev)
 
 
 def _amp(dev: torch.device, dtype):

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "OtherRankFailed", "from_env", "setup", "barrier", "fail_together", "teardown"]
+__all__ = ["Dist", "OtherRankFailed", "from_env", "setup", "current", "comm_device", "barrier", "fail_together",
+           "teardown"]
 
 
 class OtherRankFailed(ValueError):
@@ -67,6 +68,20 @@ def setup(device: str | None = "auto", backend: str | None = None) -> Dist:
     return d
 
 
+def current(device: torch.device | None = None) -> Dist:
+    """This process's place in an already initialised process group (rank 0 of 1 without one)."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = device if device is not None else _device(None, local)
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, dev)
+    return Dist(0, 1, local, dev)
+
+
+def comm_device(d: Dist) -> torch.device:
+    """Where tensors must be for collectives: the GPU under nccl, the CPU under gloo."""
+    return d.device if d.enabled and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier(d: Dist) -> None:
     """Wait for every rank (no-op alone)."""
     if d.enabled and dist.is_initialized():
@@ -80,8 +95,7 @@ def fail_together(d: Dist, err: BaseException | None) -> None:
         if err is not None:
             raise err
         return
-    on = d.device if d.device.type == "cuda" and dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([0 if err is None else 1], device=on)
+    flag = torch.tensor([0 if err is None else 1], device=comm_device(d))
     dist.all_reduce(flag)
     if int(flag.item()):
         if err is not None:

@@ -370,10 +370,8 @@ def _refuse_featureless(reader, path: str) -> None:
     if not list(reader.encoders):
         msg = (f"store {path} holds no encoder features (no features/<encoder> arrays, e.g. a "
                f"latents-only store); spatial metrics need a store built with --encoder")
-        try:
-            from irepa.stores import StoreError
-        except ImportError:  # pragma: no cover - stores/ is a hard dependency of pipeline/
-            raise ValueError(msg) from None
+        from irepa.stores import StoreError
+
         raise StoreError(msg)
 
 

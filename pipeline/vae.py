@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .defaults import DEFAULT_VAE, SD_VAE_SCALE
+
 __all__ = ["VAE_ALIASES", "TINY_VAE_CONFIG", "VaeEncoder", "load_vae", "state_dict_sha256"]
 
 VAE_ALIASES = {
@@ -45,7 +47,7 @@ TINY_VAE_CONFIG: dict[str, Any] = dict(
     latent_channels=4,
     norm_num_groups=4,
     sample_size=256,
-    scaling_factor=0.18215,
+    scaling_factor=SD_VAE_SCALE,
 )
 
 
@@ -158,7 +160,7 @@ def _tiny_vae(seed: int) -> nn.Module:
     return vae
 
 
-def load_vae(name_or_path: str | os.PathLike = "stabilityai/sd-vae-ft-ema", *,
+def load_vae(name_or_path: str | os.PathLike = DEFAULT_VAE, *,
              device: str | torch.device | None = None,
              dtype: torch.dtype = torch.float32, local_files_only: bool = False) -> VaeEncoder:
     """Load a VAE by hub id / alias, local folder, or ``"tiny[:seed]"`` (see module doc).

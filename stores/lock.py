@@ -37,7 +37,8 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one owned by someone else counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ class StoreLock:
                     if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         raise StoreError(f"store {store}: cannot lock {path}: {e}") from None
                     dead_here = holder.get("host") == _host() and isinstance(holder.get("pid"), int) \
-                        and not _alive(holder["pid"])
+                        and not pid_alive(holder["pid"])
                     if dead_here and time.monotonic() < deadline:
                         time.sleep(0.2)  # its worker processes are still exiting
                         continue
@@ -118,7 +119,7 @@ class StoreLock:
             old = _read_holder(fd)
             if old:
                 state = "no longer running" if old.get("host") == _host() and isinstance(old.get("pid"), int) \
-                    and not _alive(old["pid"]) else "its lock was free"
+                    and not pid_alive(old["pid"]) else "its lock was free"
                 print(f"store {store}: taking over the stale build lock of {_describe(old)} ({state})", flush=True)
             me = {"pid": os.getpid(), "host": _host(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             os.ftruncate(fd, 0)
@@ -147,7 +148,7 @@ class StoreLock:
             except OSError:
                 holder = _read_holder(fd)
                 dead_here = holder.get("host") == _host() and isinstance(holder.get("pid"), int) \
-                    and not _alive(holder["pid"])
+                    and not pid_alive(holder["pid"])
                 if not dead_here:
                     raise StoreError(
                         f"store {store}: another build holds its lock {path} ({_describe(holder)}); wait for it to "

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from irepa.stores.lock import pid_alive
+
 FORMAT = "irepa-train-checkpoint-v1"
 _CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
 _TMP_RE = re.compile(r"^\.(\d{7,})\.pt\.tmp-(\d+)$")  # what atomic_torch_save writes before its rename
@@ -53,14 +55,6 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_temporaries(out: str | os.PathLike) -> list[Path]:
@@ -79,7 +73,7 @@ def clean_temporaries(out: str | os.PathLike) -> list[Path]:
         if not m or not p.is_file():
             continue
         pid = int(m.group(2))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         p.unlink(missing_ok=True)
         removed.append(p)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from irepa.pipeline import dist as distributed
-from irepa.pipeline.dist import Dist
+from irepa.pipeline.dist import Dist, comm_device, current
 from irepa.stores.manifest import atomic_open, atomic_write_bytes
 
 from .eval_images import FolderImages, ImageSource, NpzImages, open_images
@@ -91,21 +91,9 @@ def _parse_metrics(value: Union[str, Sequence[str]]) -> list[str]:
 # ----------------------------------------------------------------------------- distributed
 
 
-def _comm_device(d: Dist) -> torch.device:
-    """Where tensors must be for collectives: the GPU under nccl, the CPU under gloo."""
-    import torch.distributed as dist
-
-    return d.device if d.enabled and dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def _current_dist(device: torch.device, distributed: bool = True) -> Dist:
-    """This process's rank in the initialised process group (a one-process view when not
-    ``distributed``)."""
-    import torch.distributed as dist
-
-    if distributed and dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
-    return Dist(0, 1, 0, device)
+    """The initialised process group's view (a one-process view when not ``distributed``)."""
+    return current(device) if distributed else Dist(0, 1, 0, device)
 
 
 def _broadcast_flag(d: Dist, value: bool) -> bool:
@@ -113,7 +101,7 @@ def _broadcast_flag(d: Dist, value: bool) -> bool:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([1 if value else 0], dtype=torch.int64, device=_comm_device(d))
+    t = torch.tensor([1 if value else 0], dtype=torch.int64, device=comm_device(d))
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -124,7 +112,7 @@ def _gather_rows(d: Dist, x: torch.Tensor, to_all: bool = False) -> Optional[tor
         return x
     import torch.distributed as dist
 
-    dev = _comm_device(d)
+    dev = comm_device(d)
     xs = x.to(dev).contiguous()
     count = torch.tensor([xs.shape[0]], dtype=torch.int64, device=dev)
     counts = [torch.zeros_like(count) for _ in range(d.world_size)]
@@ -451,7 +439,7 @@ def fid_of_images(
 def _broadcast_float(d: Dist, value: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(d))
+    t = torch.tensor([value], dtype=torch.float64, device=comm_device(d))
     dist.broadcast(t, src=0)
     return float(t.item())
 

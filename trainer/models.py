@@ -16,7 +16,7 @@ name here (== REPA)                   what it is
 ``blocks.N.adaLN_modulation.1``       adaLN-Zero: 6 * D modulation from the condition
 ``final_layer.linear``                D -> p*p*C (no learned sigma)
 ``final_layer.adaLN_modulation.1``    2 * D modulation
-``projectors.K.*``                    alignment projector K (see ``trainer.align``):
+``projectors.K.*``                    alignment projector K (see ``irepa.trainer.align``):
                                       mlp ``{0,2,4}``, linear / conv ``{weight,bias}``
 ``h_embedder.mlp.{0,2}.*``            two-time SiT only (MeanFlow): embedding of t - r,
                                       named and initialised as the MeanFlow release's
@@ -30,7 +30,7 @@ iREPA's release wraps each projector in a ``ProjectionLayer`` module, so its key
 Conventions (REPA): ``t`` in [0, 1] goes straight into the sinusoidal embedding (no x1000);
 the model predicts the velocity with ``in_channels`` output channels; ``forward`` returns the
 block-``encoder_depth`` tokens (1-based) for the alignment loss instead of projecting them
-itself, so that :class:`trainer.align.AlignmentLoss` can fuse projection and loss.
+itself, so that :class:`irepa.trainer.align.AlignmentLoss` can fuse projection and loss.
 
 Two-time SiT (MeanFlow, ``time_conditions=("t", "t-r")``): the condition is
 ``t_embedder(t) + h_embedder(t - r) + y_embedder(y)``, as the official MeanFlow release's DiT
@@ -325,7 +325,7 @@ class SiT(nn.Module):
     ``forward(x, t, y)`` returns ``(v, h)``: the predicted velocity [B, C, H, W] and the tokens
     [B, T, hidden] after block ``encoder_depth`` (1-based), or ``None`` when the model has no
     projectors (``z_dims`` empty). ``self.projectors[k]`` maps ``h`` to encoder ``k``'s feature
-    space; :class:`trainer.align.AlignmentLoss` applies them.
+    space; :class:`irepa.trainer.align.AlignmentLoss` applies them.
     """
 
     def __init__(

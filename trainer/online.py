@@ -6,7 +6,7 @@ fingerprint). Each micro-batch is decoded and ADM-cropped in DataLoader workers
 (``pipeline.transforms``), then on the device the VAE gives the posterior (mean, std) and every
 encoder its patch tokens, exactly as ``irepa-cache build`` computes them. The batch then goes
 through the same loss code as a cached one (the objective's phase module), in the same sample order
-(:class:`trainer.data.IndexOrder` over the store's sample indices).
+(:class:`irepa.trainer.data.IndexOrder` over the store's sample indices).
 
 Pixel objectives (``inputs`` with ``"pixels"``: JiT, REPA-E) get the decoded ADM crop itself as
 ``pixels`` (uint8 [b, 3, R, R], mirrored for a flipped view, as a pixel store's loader gives it)

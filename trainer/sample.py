@@ -357,8 +357,6 @@ def generate(objective: Any, model: nn.Module, decode: Any, indices: Sequence[in
 def run_sampling(cfg: Any) -> Path:
     """``irepa-sample``: sample ``cfg.num_samples`` images (image i from (seed, i) only, so batch
     size and rank count do not change it), decode them and write ``samples.npz`` + ``grid.png``."""
-    import torch.distributed as dist
-
     from irepa.pipeline import dist as distributed
 
     d = distributed.setup(cfg.device)
@@ -405,8 +403,7 @@ def run_sampling(cfg: Any) -> Path:
         distributed.barrier(d)
         return final
     finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown(d)
 
 
 def _atomic_npz(path: Path, **arrays: Any) -> None:

@@ -15,7 +15,7 @@ selected by ``--objective`` for
   ``nn.Module`` whose ``forward(batch, draws, carry)`` returns ``{"loss": scalar with grad,
   **logged detached scalars}``, with the parameters its optimizer updates. The loop wraps each
   phase module in DDP, accumulates micro-batches, clips, steps its optimizer, then updates EMAs;
-* **its sampler** (``sample`` / ``decode``): noise -> model output -> uint8 images, used by the
+* **its sampler** (``sample`` / ``decoder``): noise -> model output -> uint8 images, used by the
   preview grid in training and by ``irepa-sample``.
 
 Registering a new objective is one module: subclass :class:`Objective`, decorate it with

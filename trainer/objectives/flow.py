@@ -24,7 +24,8 @@ from irepa.trainer.loss import PATHS, TIME_SAMPLERS, FlowMatching, mean_flat
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
 
-__all__ = ["FlowOptions", "Flow", "FlowStep", "sit_model_config", "check_sit_data", "latent_decoder"]
+__all__ = ["FlowOptions", "Flow", "FlowStep", "sit_model_config", "check_sit_data", "check_sit_init", "latent_decoder",
+           "hw_of"]
 
 
 @dataclass
@@ -78,7 +79,8 @@ def sit_model_config(cfg: Any, data: DataSpec, align: Any | None, in_channels: i
     return kw
 
 
-def _hw(v: Any) -> tuple[int, int]:
+def hw_of(v: Any) -> tuple[int, int]:
+    """A model config's ``input_size`` (an int or [h, w]) as (h, w)."""
     return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
 
 
@@ -118,6 +120,29 @@ def check_sit_data(data: DataSpec, what: str, in_channels: int, input_hw: tuple[
         raise StoreMismatchError(
             f"store {where} does not fit the model: {'; '.join(problems)}. The store holds latents "
             f"[{c2}, {h}, {w}] ({c2 // 2} channels at {h}x{w}, mean+std) and encoders: {enc}; {needs.describe()}.")
+
+
+def check_sit_init(data: DataSpec, model_name: str, state: Any, source: str) -> None:
+    """What a REPA / iREPA / irepa SiT checkpoint's weights need of the store: channels and patch
+    from the patch embedding, the token count from ``pos_embed`` (refused naming ``source``)."""
+    flat = state
+    if isinstance(state, dict) and ("ema" in state or "model" in state):
+        flat = state.get("ema") or state.get("model")
+    w = pos = None
+    for k, v in (flat or {}).items():
+        if k.endswith("x_embedder.proj.weight"):
+            w = v
+        if k.endswith("pos_embed"):
+            pos = v
+    if w is None or data.latent_shape is None:
+        return
+    c, p = int(w.shape[1]), int(w.shape[2])
+    size = (int(data.latent_shape[1]), int(data.latent_shape[2]))
+    if pos is not None:
+        side = math.isqrt(int(pos.shape[1]))
+        if side * side == int(pos.shape[1]):
+            size = (side * p, side * p)
+    check_sit_data(data, f"{model_name} from {source}", c, size, p, data.store, encoders=False)
 
 
 def latent_decoder(data: DataSpec, device: torch.device, vae_override: str | None = None, offline: bool = True
@@ -182,30 +207,11 @@ class Flow(Objective):
         return build_sit(kw.pop("name"), **kw)
 
     def check_data(self, config: dict, where: str) -> None:
-        check_sit_data(self.data, str(config.get("name")), int(config["in_channels"]), _hw(config["input_size"]),
+        check_sit_data(self.data, str(config.get("name")), int(config["in_channels"]), hw_of(config["input_size"]),
                        _patch_of(str(config.get("name")), config), where, encoders=self.align_config is not None)
 
     def check_init(self, state: Any, source: str) -> None:
-        """What a REPA / iREPA / irepa checkpoint's weights need: channels and patch from the
-        patch embedding, the token count from ``pos_embed``."""
-        flat = state
-        if isinstance(state, dict) and ("ema" in state or "model" in state):
-            flat = state.get("ema") or state.get("model")
-        w = pos = None
-        for k, v in (flat or {}).items():
-            if k.endswith("x_embedder.proj.weight"):
-                w = v
-            if k.endswith("pos_embed"):
-                pos = v
-        if w is None:
-            return
-        c, p = int(w.shape[1]), int(w.shape[2])
-        _, size = self._latent()
-        if pos is not None:
-            side = math.isqrt(int(pos.shape[1]))
-            if side * side == int(pos.shape[1]):
-                size = (side * p, side * p)
-        check_sit_data(self.data, f"{self.cfg.model} from {source}", c, size, p, self.data.store, encoders=False)
+        check_sit_init(self.data, self.cfg.model, state, source)
 
     def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
         from irepa.trainer.models import load_reference_state_dict

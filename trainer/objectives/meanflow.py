@@ -405,10 +405,6 @@ def meanflow_sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor,
 # ----------------------------------------------------------------------------- the objective
 
 
-def _hw(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
-
-
 @register
 class MeanFlow(Objective):
     """``--objective meanflow``: one-step generation on the cached latents (see the module doc)."""
@@ -443,24 +439,20 @@ class MeanFlow(Objective):
     # ------------------------------------------------------------------ model
 
     def model_config(self) -> dict:
+        """The flow SiT's config (:func:`sit_model_config`) conditioned on two times, with the
+        alignment depth resolved (REPA's default: 4 for S/B, 8 for L/XL, capped at the depth)."""
         from irepa.trainer.models import DEFAULT_ENCODER_DEPTH, SIT_CONFIGS
+        from irepa.trainer.objectives.flow import sit_model_config
 
-        cfg, al, d = self.cfg, self.align_config, self.data
+        cfg = self.cfg
         if cfg.model not in SIT_CONFIGS:
             raise ValueError(f"unknown SiT model {cfg.model!r}; expected one of {sorted(SIT_CONFIGS)}")
-        c2, h, w = d.latent_shape
-        over = {k: int(getattr(cfg, k)) for k in ("hidden_size", "depth", "num_heads", "patch_size")
-                if getattr(cfg, k, None) is not None}
-        depth = over.get("depth", SIT_CONFIGS[cfg.model]["depth"])
-        enc_depth = al.encoder_depth if (al is not None and al.encoder_depth is not None) else \
-            min(DEFAULT_ENCODER_DEPTH[_size_of(cfg.model)], depth)
-        return dict(
-            name=cfg.model, input_size=h if h == w else [h, w], in_channels=c2 // 2, num_classes=int(d.num_classes),
-            encoder_depth=int(enc_depth), z_dims=[int(z) for z in d.feature_dims] if al is not None else [],
-            projector=al.projector if al is not None else "mlp", projector_kernel=al.kernel if al is not None else 3,
-            projector_dim=al.projector_dim if al is not None else 2048, qk_norm=bool(cfg.qk_norm),
-            class_dropout_prob=float(cfg.class_dropout), attn=str(cfg.attn), **over,
-            time_conditions=["t", "t-r"])
+        c2, h, w = self.data.latent_shape
+        mc = sit_model_config(cfg, self.data, self.align_config, c2 // 2, (h, w), time_conditions=["t", "t-r"])
+        if mc["encoder_depth"] is None:
+            depth = int(mc.get("depth", SIT_CONFIGS[cfg.model]["depth"]))
+            mc["encoder_depth"] = min(DEFAULT_ENCODER_DEPTH[_size_of(cfg.model)], depth)
+        return mc
 
     def build_model(self, config: dict) -> nn.Module:
         from irepa.trainer.models import build_sit
@@ -471,55 +463,23 @@ class MeanFlow(Objective):
 
     def check_data(self, config: dict, where: str) -> None:
         from irepa.trainer.models import SIT_CONFIGS
+        from irepa.trainer.objectives.flow import check_sit_data, hw_of
         from irepa.trainer.store_checks import StoreMismatchError
 
-        d = self.data
-        if d.latent_shape is None:
+        if self.data.latent_shape is None:
             raise StoreMismatchError(f"{where} holds no latents; --objective meanflow trains on VAE latents")
-        c2, h, w = d.latent_shape
-        size = _hw(config["input_size"])
         patch = int(config.get("patch_size") or SIT_CONFIGS[config["name"]]["patch_size"])
-        grid = (size[0] // patch, size[1] // patch)
-        problems = []
-        if c2 // 2 != int(config["in_channels"]):
-            problems.append(f"latent channel count {c2 // 2} != {config['in_channels']}")
-        if (h, w) != size:
-            problems.append(f"latent size {h}x{w} != {size[0]}x{size[1]}")
-        for i, enc in enumerate(d.encoders):
-            if i < len(d.token_grids) and tuple(d.token_grids[i]) != grid:
-                g = d.token_grids[i]
-                problems.append(f"encoder {enc} token grid {g[0]}x{g[1]} != the model's patch grid {grid[0]}x{grid[1]}")
-        for enc, dim, z in zip(d.encoders, d.feature_dims, config.get("z_dims") or []):
-            if int(dim) != int(z):
-                problems.append(f"encoder {enc} feature dim {dim} != projector dim {z}")
-        if problems:
-            raise StoreMismatchError(f"{where} does not fit the MeanFlow model {config['name']}: "
-                                     + "; ".join(problems))
+        check_sit_data(self.data, f"MeanFlow {config['name']}", int(config["in_channels"]), hw_of(config["input_size"]),
+                       patch, where, encoders=bool(config.get("z_dims")))
+        bad = [f"encoder {e} feature dim {d} != projector dim {z}" for e, d, z in
+               zip(self.data.encoders, self.data.feature_dims, config.get("z_dims") or []) if int(d) != int(z)]
+        if bad:
+            raise StoreMismatchError(f"{where} does not fit the MeanFlow model {config['name']}: " + "; ".join(bad))
 
     def check_init(self, state: Any, source: str) -> None:
-        """Before ``--init-from``: the channels and patch of the checkpoint's patch embedding and
-        its token count (``pos_embed``) must fit the store's latents (a flow or MeanFlow SiT)."""
-        from irepa.trainer.objectives.flow import check_sit_data
+        from irepa.trainer.objectives.flow import check_sit_init
 
-        flat = state
-        if isinstance(state, dict) and ("ema" in state or "model" in state):
-            flat = state.get("ema") or state.get("model")
-        w = pos = None
-        for k, v in (flat or {}).items():
-            if k.endswith("x_embedder.proj.weight"):
-                w = v
-            if k.endswith("pos_embed"):
-                pos = v
-        if w is None:
-            return
-        c, p = int(w.shape[1]), int(w.shape[2])
-        _, h, wd = self.data.latent_shape
-        size = (int(h), int(wd))
-        if pos is not None:
-            side = math.isqrt(int(pos.shape[1]))
-            if side * side == int(pos.shape[1]):
-                size = (side * p, side * p)
-        check_sit_data(self.data, f"{self.cfg.model} from {source}", c, size, p, self.data.store, encoders=False)
+        check_sit_init(self.data, self.cfg.model, state, source)
 
     def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
         """A MeanFlow or flow SiT checkpoint (REPA / iREPA names): a flow SiT lacks only the
