@@ -200,6 +200,7 @@ def _build(cfg: BuildConfig) -> Path:
     feature_dtype, latent_dtype, precision, with_cls = cfg.feature_dtype, cfg.latent_dtype, cfg.precision, cfg.cls
     demo = cfg.demo
     encoder_names = _checked_encoders(cfg)  # canonical registry names; unknown ones fail here, at once
+    typed_names = dict(zip(encoder_names, cfg.encoders))
     vae, encoder_config, shard_size = cfg.vae, cfg.encoder_config, cfg.shard_size or (4 if demo else 1024)
     if demo:  # the embedded default: tiny random models, small shards
         vae = vae or "tiny"
@@ -315,6 +316,7 @@ def _build(cfg: BuildConfig) -> Path:
                 "cls": with_cls,
                 "preprocess": enc.profile.to_dict(),
                 "precision": effective_precision(dev, precision),
+                **_requested(name, typed_names),
             }
             for name, enc in encoders.items()
         },
@@ -399,6 +401,16 @@ def _checked_encoders(cfg: BuildConfig) -> list[str]:
             raise ValueError(f"--encoder {typed} is the {name} cache plus the {feature_transform_name(typed)} "
                              f"transform, which mixes in the CLS token: add --cls")
     return names
+
+
+def _requested(name: str, typed: dict[str, str]) -> dict:
+    """How the user named an encoder when that name means more than the stored array: an
+    official name with a feature transform (``dinov2mixed-vit-b``) makes the trainer align to
+    that transform of ``name``'s features by default."""
+    from .encoders import feature_transform_name
+
+    kind = feature_transform_name(typed.get(name, name))
+    return {"requested_as": typed[name], "transform": kind} if kind != "none" else {}
 
 
 def _refuse_empty(writer: StoreWriter, data: str | None, existed: bool) -> None:

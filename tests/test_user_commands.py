@@ -348,3 +348,14 @@ def test_a_sampler_the_previews_would_fail_on_is_refused_before_step_0(tmp_path,
         with pytest.raises(OptionError, match=msg):
             train(cache=str(a), steps=20, sample_every=10, out=str(out), **kw)
         assert not (out / "checkpoints").exists()
+
+
+def test_a_store_built_as_dinov2mixed_aligns_to_the_mix_by_default(tmp_path, images):
+    store = build_store(data=str(images), out=str(tmp_path / "mixed"), encoder="dinov2mixed-vit-b", cls=True,
+                        resolution=32, encoder_config="tiny", vae="tiny", num_workers=0, device="cpu",
+                        progress=False, shard_size=4)
+    m = read_manifest(store)
+    assert list(m["encoders"]) == ["dinov2-vit-b"]  # one cache, the canonical encoder
+    assert m["encoders"]["dinov2-vit-b"]["transform"] == "dinov2mixed"
+    train(cache=str(store), steps=1, out=str(tmp_path / "r"))  # no --encoders: the store's own target
+    assert "cosine/dinov2mixed-vit-b" in rows(tmp_path / "r")[0]

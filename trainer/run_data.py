@@ -131,11 +131,13 @@ class Target:
 
 
 def _select(available: Sequence[str], wanted: list[str] | None, aligning: bool, where: str, align: str,
-            has_cls: Any = None) -> list[Target]:
-    """The alignment targets: ``--encoders`` (default every stored encoder). A name the store lacks
-    may be an official name of a feature transform over a stored encoder (``dinov2mixed-vit-b``:
-    0.1 CLS + 0.9 patch tokens of ``dinov2-vit-b``, which must store its CLS token)."""
-    names = (list(wanted) if wanted else list(available)) if aligning else []
+            has_cls: Any = None, requested: dict[str, str] | None = None) -> list[Target]:
+    """The alignment targets: ``--encoders`` (default every stored encoder, under the name it was
+    built as: a store built with ``--encoder dinov2mixed-vit-b --cls`` aligns to that mix). A name
+    the store lacks may be an official name of a feature transform over a stored encoder
+    (``dinov2mixed-vit-b``: 0.1 CLS + 0.9 patch tokens of ``dinov2-vit-b``, which must store CLS)."""
+    requested = requested or {}
+    names = (list(wanted) if wanted else [requested.get(e, e) for e in available]) if aligning else []
     targets, missing = [], []
     for n in names:
         if n in available:
@@ -204,7 +206,9 @@ def open_run_data(cfg: Any, d: distributed.Dist, inputs: Sequence[str],
         online = None
         manifest = reader.manifest
         targets = _select(reader.encoders, cfg.encoders, aligning, where, cfg.align,
-                          has_cls=lambda e: bool((manifest["encoders"].get(e) or {}).get("cls")))
+                          has_cls=lambda e: bool((manifest["encoders"].get(e) or {}).get("cls")),
+                          requested={e: v["requested_as"] for e, v in manifest["encoders"].items()
+                                     if v.get("requested_as")})
         latent_shape, dims, grids = reader.latent_shape, dict(reader.feature_dims), dict(reader.token_grids)
         pixel_shape = reader.pixel_shape
         num_classes = int((manifest.get("dataset") or {}).get("num_classes") or 1000)
