@@ -249,6 +249,11 @@ class JiTObjective(Objective):
     def __init__(self, cfg: Any, opts: Any, data: DataSpec, align: Any | None, device: torch.device,
                  amp_dtype: torch.dtype | None = None):
         super().__init__(cfg, opts if opts is not None else JiTOptions(), data, align, device, amp_dtype)
+        if getattr(cfg, "attn", "sdpa") == "xformers":
+            from irepa.pipeline.config import OptionError
+
+            raise OptionError("--objective jit runs torch's scaled_dot_product_attention (RoPE and qk-norm inside "
+                              "its attention): --attn sdpa or math, not xformers")
 
     # ------------------------------------------------------------------ helpers
     @property
