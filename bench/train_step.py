@@ -417,6 +417,13 @@ def flow_draws(fm, batch: int, latent: tuple[int, int, int], dev: torch.device, 
     return flow.draw(batch, torch.Generator(device=dev).manual_seed(seed), dev)
 
 
+def encoder_dim(name: str, size: dict) -> int:
+    """Feature dim D of a registry encoder (built random on the CPU, then dropped)."""
+    from irepa.pipeline.encoders import load_encoder
+
+    return int(load_encoder(name, resolution=size["resolution"], pretrained=False, config=size["encoder_config"]).dim)
+
+
 def _amp(dev: torch.device, dtype):
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
