@@ -461,3 +461,24 @@ def test_init_from_a_flow_sit_or_a_repae_run(tmp_path, store, trained, capsys):
     with pytest.raises(StoreMismatchError, match=f"--init-from {ck8}: a SiT for 8-channel latents; this run's VAE "
                                                  f"tiny makes 4-channel latents from {store}'s images"):
         repae(cache=str(store), out=str(tmp_path / "c8run"), steps=0, init_from=str(ck8), init_from_partial=True)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_repae_step_smoke(capsys):
+    """``python -m bench.repae_step --smoke``: the table, the phase rows and the ratios (no timing
+    is asserted); the FLOPs, counted on the meta device, add up phase by phase."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import repae_step
+
+    res = repae_step.main(["--smoke", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "REPA-E train step: cached features vs online encoder" in out and "online/cached step time" in out
+    (r,) = res["records"]
+    assert set(r["times"]) == {"cached", "online", "online: encoder", "online: decode + crop (1 core)",
+                               "cached: vae", "cached: discriminator", "cached: sit"}
+    assert all(v > 0 for v in r["times"].values())
+    f = r["flops_per_image"]
+    assert f["step"] == f["vae"] + f["discriminator"] + f["sit"] and f["encoder"] > 0
+    assert f["vae"] > f["sit"] > 0 and f["discriminator"] > 0  # the VAE's encode + decode + LPIPS dominate

@@ -153,6 +153,16 @@ def _jsonable(config: Mapping) -> dict:
                                  default=list))
 
 
+def _full_precision(device_type: str):
+    """Autocast off for the losses (the release computes them in float32); a no-op on the meta
+    device, which has no autocast (FLOP counting)."""
+    if device_type == "meta":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class _Ref:
     """Holds a module without registering it (so DDP, ``.train()`` and state dicts of the phase
     module do not see it)."""
@@ -192,7 +202,7 @@ class _VaePhase(nn.Module):
         B = x.shape[0]
         g = o.gan_factor(draws, disc)
         dev = x.device.type
-        with torch.autocast(dev, enabled=False):
+        with _full_precision(dev):
             r = recon.float()
             l1 = (x - r).abs().mean()
             lp.eval()
@@ -235,7 +245,7 @@ class _DiscriminatorPhase(nn.Module):
                                "the loop must run the phases of a micro-batch in order (vae, discriminator, sit)")
         g = self._obj.gan_factor(draws, self.disc)
         x, recon = carry["x"], carry["recon"]
-        with torch.autocast(x.device.type, enabled=False):
+        with _full_precision(x.device.type):
             real = self.disc(x.float())
             fake = self.disc(recon.float())
             loss = g * hinge_d_loss(real, fake)
