@@ -100,7 +100,13 @@ def trained(tmp_path_factory, store):
     alex = root / "alex.pth"
     torch.save(build_lpips("random", "alex").state_dict(), alex)  # a full LPIPS state dict
     out = root / "run"
-    repae(cache=str(store), out=str(out), steps=6, lr=3e-3, ema=[0.5], lpips_weights=str(alex))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests that recompute its previews run (module fixtures come first)
+    try:
+        repae(cache=str(store), out=str(out), steps=6, lr=3e-3, ema=[0.5], lpips_weights=str(alex), sample_every=6,
+              sample_n=4, sample_steps=2)
+    finally:
+        torch.set_num_threads(n)
     alex.unlink()
     return out
 
@@ -295,8 +301,8 @@ def test_export_vae_cli_then_recache_and_a_flow_run_on_it(tmp_path, store, train
 def test_irepa_sample_decodes_with_the_runs_tuned_vae(tmp_path, trained):
     """``irepa-sample --ckpt RUN`` of a REPA-E run: noise -> EMA SiT in its BN-normalised space ->
     the BN undone with the EMA's running statistics -> the tuned VAE. The same images come out of
-    a by-hand pipeline with the exported diffusers folder. Sampling needs no LPIPS weights (the
-    run's trunk file is gone)."""
+    a by-hand pipeline with the exported diffusers folder, and so do the run's preview grid's tiles.
+    Sampling needs no LPIPS weights (the run's trunk file is gone)."""
     from diffusers import AutoencoderKL
 
     from irepa.trainer.data import mix_seed
@@ -335,6 +341,20 @@ def test_irepa_sample_decodes_with_the_runs_tuned_vae(tmp_path, trained):
     want = torch.clamp(255 * (img + 1) / 2, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(arr, want)
     assert want.std() > 1  # not a flat image: the comparison sees the decoder
+    # the preview grid of step 6 (the EMA at the end of the run): 4 images, preview noise, ODE 2 steps
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(mix_seed("preview", 0))
+    z = torch.randn((4, 4, 4, 4), generator=g)
+    normed = sample(sit.eval(), z, torch.arange(4) % mc["num_classes"], method="ode", steps=2)
+    with torch.no_grad():
+        img = vae.decode(normed * std + ema["bn.running_mean"].view(1, 4, 1, 1)).sample
+    tiles = torch.clamp(255 * (img + 1) / 2, 0, 255).to(torch.uint8)
+    grid = np.asarray(Image.open(trained / "samples" / "0000006.png"))
+    assert grid.shape == (64, 64, 3)
+    for i in range(4):
+        tile = grid[32 * (i // 2):32 * (i // 2 + 1), 32 * (i % 2):32 * (i % 2 + 1)]
+        assert np.array_equal(tile, tiles[i].permute(1, 2, 0).numpy()), i
     # --vae: the exported folder gives the same images; the name of the VAE the run started from
     # (training's --vae) still means the tuned one; another VAE decodes instead
     for name, vae_flag in (("v", str(folder)), ("start", "tiny"), ("other", "tiny:1")):

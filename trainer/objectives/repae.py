@@ -436,13 +436,17 @@ class RepaeObjective(Objective):
         # a checkpoint's config (the loop asks before refusing a resume): its latent BN started from
         # statistics that came from its store; another store gives others
         then, vae_then = config.get("latent_bn") or {}, (config.get("vae") or {}).get("id")
-        if "init_mean" in then and vae_then is not None and self._load_vae() is not None and self._vae_id == vae_then:
-            now = self._bn_init(config["vae"]["config"])
-            if (then["init_mean"], then["init_var"]) != (now["init_mean"], now["init_var"]):
-                raise StoreMismatchError(
-                    f"{where}: this run's latent BatchNorm would start from {now['init_from']}, the checkpoint's "
-                    f"started from {then['init_from']}: resume a REPA-E run on the store (and --bn-init) it started "
-                    "with, or use a new --out")
+        if "init_mean" not in then or vae_then is None:
+            return
+        self._load_vae()  # sets self._vae_id; another VAE is named by the loop's model-config diff
+        if self._vae_id != vae_then:
+            return
+        now = self._bn_init(config["vae"]["config"])
+        if (then["init_mean"], then["init_var"]) != (now["init_mean"], now["init_var"]):
+            raise StoreMismatchError(
+                f"{where}: this run's latent BatchNorm would start from {now['init_from']}, the checkpoint's "
+                f"started from {then['init_from']}: resume a REPA-E run on the store (and --bn-init) it started "
+                "with, or use a new --out")
 
     def _sit_needs(self) -> tuple[int, int, tuple[int, int], str]:
         """(latent channels, patch, token grid, VAE id) of the SiT this run builds."""
