@@ -1,6 +1,6 @@
 """Run every CPU benchmark in turn (each in its own process) and print their tables.
 
-    python -m bench.run_all                  # the CPU suite, about 3-5 minutes on 2 cores
+    python -m bench.run_all                  # the CPU suite, about 6-10 minutes on 2 cores
     python -m bench.run_all --smoke          # tiny sizes, seconds (what the tests run)
     python -m bench.run_all --only align,storage --out bench-cpu.md
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["align", "storage", "train_step", "jit_step", "loader", "build"]
+BENCHES = ["align", "storage", "train_step", "jit_step", "repae_step", "loader", "build"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

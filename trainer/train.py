@@ -67,10 +67,21 @@ def draw_rows(objective: Any, seed: int, step: int, lo: int, hi: int, device: to
     return {key: torch.cat([p[key] for p in parts])[off:off + hi - lo] for key in parts[0]}
 
 
-def _config_diff(a: dict, b: dict) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys
-            if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The differing leaves of two JSON configs (``key.sub: checkpoint X vs now Y``), nested dicts
+    compared key by key and long values shortened, so the message names what changed."""
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 80 else r[:76] + " ..."
+
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _config_diff(x, y, f"{prefix}{k}.")
+        elif json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True):
+            out.append(f"{prefix}{k}: checkpoint {short(x)} vs now {short(y)}")
+    return out
 
 
 def run(cfg: TrainConfig, opts: Any = None, *, online_models: dict | None = None, notes: tuple = ()) -> dict:

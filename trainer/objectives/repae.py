@@ -64,6 +64,7 @@ LPIPS its documented [-1, 1] range instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -152,6 +153,16 @@ def _jsonable(config: Mapping) -> dict:
                                  default=list))
 
 
+def _full_precision(device_type: str):
+    """Autocast off for the losses (the release computes them in float32); a no-op on the meta
+    device, which has no autocast (FLOP counting)."""
+    if device_type == "meta":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class _Ref:
     """Holds a module without registering it (so DDP, ``.train()`` and state dicts of the phase
     module do not see it)."""
@@ -191,7 +202,7 @@ class _VaePhase(nn.Module):
         B = x.shape[0]
         g = o.gan_factor(draws, disc)
         dev = x.device.type
-        with torch.autocast(dev, enabled=False):
+        with _full_precision(dev):
             r = recon.float()
             l1 = (x - r).abs().mean()
             lp.eval()
@@ -215,6 +226,8 @@ class _VaePhase(nn.Module):
             loss = loss + opts.vae_align_coeff * terms["align_loss"]
             terms["align_loss"] = terms["align_loss"].detach()
             out.update(terms)
+        else:  # --align none: zeros, as every objective logs them
+            out.update(alignment_terms(None, None, batch.get("features") or [], self._encoders, z.device))
         return {"loss": loss, **out}
 
 
@@ -232,7 +245,7 @@ class _DiscriminatorPhase(nn.Module):
                                "the loop must run the phases of a micro-batch in order (vae, discriminator, sit)")
         g = self._obj.gan_factor(draws, self.disc)
         x, recon = carry["x"], carry["recon"]
-        with torch.autocast(x.device.type, enabled=False):
+        with _full_precision(x.device.type):
             real = self.disc(x.float())
             fake = self.disc(recon.float())
             loss = g * hinge_d_loss(real, fake)
@@ -289,9 +302,6 @@ class RepaeObjective(Objective):
                  amp_dtype: torch.dtype | None = None):
         opts = opts if opts is not None else RepaeOptions()
         opts.validate()
-        require_lpips()  # a missing extra, or missing LPIPS weights, fail before any work
-        if opts.lpips_weight > 0 and opts.lpips_weights != "random":
-            lpips_trunk_path(opts.lpips_weights, opts.lpips_net)
         super().__init__(cfg, opts, data, align, device, amp_dtype)
         from irepa.trainer.loss import FlowMatching
 
@@ -342,7 +352,15 @@ class RepaeObjective(Objective):
         return {"init_mean": [float(shift)] * C, "init_var": [1.0 / float(sf) ** 2] * C,
                 "init_from": f"VAE scaling_factor {sf} / shift_factor {shift}"}
 
+    def check_training_parts(self) -> None:
+        """The lpips extra and the LPIPS trunk file: training needs them, sampling a run does not.
+        :meth:`model_config` (the loop's first call, before any work) runs this check."""
+        require_lpips()
+        if self.opts.lpips_weight > 0 and self.opts.lpips_weights != "random":
+            lpips_trunk_path(self.opts.lpips_weights, self.opts.lpips_net)
+
     def model_config(self) -> dict:
+        self.check_training_parts()  # a missing extra, or missing LPIPS weights, fail before any work
         d = self.data
         if d.pixel_shape is None:
             raise ValueError(f"--objective repae trains the VAE on stored images, but {d.store or 'the store'} holds "
@@ -415,13 +433,77 @@ class RepaeObjective(Objective):
             if int(dim) != int(z):
                 raise StoreMismatchError(f"{where}: encoder {name} features have dim {dim}; the model's projector "
                                          f"expects {z}")
+        # a checkpoint's config (the loop asks before refusing a resume): its latent BN started from
+        # statistics that came from its store; another store gives others
+        then, vae_then = config.get("latent_bn") or {}, (config.get("vae") or {}).get("id")
+        if "init_mean" not in then or vae_then is None:
+            return
+        self._load_vae()  # sets self._vae_id; another VAE is named by the loop's model-config diff
+        if self._vae_id != vae_then:
+            return
+        now = self._bn_init(config["vae"]["config"])
+        if (then["init_mean"], then["init_var"]) != (now["init_mean"], now["init_var"]):
+            raise StoreMismatchError(
+                f"{where}: this run's latent BatchNorm would start from {now['init_from']}, the checkpoint's "
+                f"started from {then['init_from']}: resume a REPA-E run on the store (and --bn-init) it started "
+                "with, or use a new --out")
+
+    def _sit_needs(self) -> tuple[int, int, tuple[int, int], str]:
+        """(latent channels, patch, token grid, VAE id) of the SiT this run builds."""
+        from irepa.trainer.models import SIT_CONFIGS
+
+        cfg = self._config or self.model_config()
+        size = cfg["input_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        p = int(cfg.get("patch_size") or SIT_CONFIGS[cfg["name"]]["patch_size"])
+        return int(cfg["in_channels"]), p, (h // p, w // p), str(cfg["vae"]["id"])
+
+    def check_init(self, state: Any, source: str) -> None:
+        """An ``--init-from`` SiT must fit this run's VAE latents (channels) and token grid (patch,
+        ``pos_embed``); refused naming the checkpoint, the VAE and the store."""
+        from irepa.trainer.store_checks import StoreMismatchError
+
+        flat = state
+        if isinstance(state, Mapping) and ("ema" in state or "model" in state):
+            flat = state.get("ema") or state.get("model")
+        w = pos = None
+        for k, v in (flat or {}).items():
+            if str(k).endswith("x_embedder.proj.weight"):
+                w = v
+            elif str(k).endswith("pos_embed"):
+                pos = v
+        if not isinstance(w, torch.Tensor) or w.dim() != 4:
+            return  # nothing to judge by: the strict load names what is missing
+        C, p, grid, vae = self._sit_needs()
+        c, pc = int(w.shape[1]), int(w.shape[2])
+        where = self.data.store or "the store"
+        if c != C:
+            raise StoreMismatchError(f"--init-from {source}: a SiT for {c}-channel latents; this run's VAE {vae} "
+                                     f"makes {C}-channel latents from {where}'s images")
+        if pc != p:
+            raise StoreMismatchError(f"--init-from {source}: a SiT with patch {pc}; this run's SiT has patch {p} "
+                                     "(--patch-size)")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 3:
+            side = math.isqrt(int(pos.shape[1]))
+            if side * side == int(pos.shape[1]) and (side, side) != grid:
+                raise StoreMismatchError(f"--init-from {source}: a SiT with a {side}x{side} token grid; {where}'s "
+                                         f"{self.data.pixel_shape[1]}x{self.data.pixel_shape[2]} images give "
+                                         f"{grid[0]}x{grid[1]} tokens (VAE {vae}, patch {p})")
 
     def load_init(self, model: nn.Module, state: Any, source: str, partial: bool) -> dict[str, list[str]]:
         """``--init-from`` a SiT checkpoint (REPA / iREPA / REPA-E release, or ours; EMA preferred):
-        the SiT's keys (and ``bn.*`` where the checkpoint has them, as REPA-E's do)."""
+        the SiT's keys (and ``bn.*`` where the checkpoint has them, as REPA-E's do). A REPA / iREPA
+        SiT has no latent BN (and maybe another projector): strict loading refuses it, naming the
+        keys and ``--init-from-partial``."""
         from irepa.trainer.models import load_reference_state_dict
 
-        return load_reference_state_dict(model, state, prefer="ema", strict=not partial, source=source)
+        try:
+            return load_reference_state_dict(model, state, prefer="ema", strict=not partial, source=source)
+        except ValueError as e:
+            if partial or "shape mismatch" in str(e):
+                raise
+            raise ValueError(f"{e}. --init-from-partial loads the keys that fit and leaves the rest at their start "
+                             "(a REPA / iREPA SiT has no latent BatchNorm bn.*: it then starts from --bn-init)") from None
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """``vae`` (diffusers AutoencoderKL, from ``--vae``) and ``discriminator`` (PatchGAN); built
