@@ -198,7 +198,9 @@ def test_two_process_torchrun_matches_one_process(tmp_path, store):
     The runs differ only in float32 summation order: DDP averages two 4-image gradient means where
     one process takes one 8-image mean, conv / matmul kernels reduce over other batch sizes, the
     synced BN adds two ranks' float64 sums. Measured over 3 steps: logged scalars (losses, cosines,
-    the three phases' gradient norms) agree to 1.1e-6 relative, BN running statistics to 3.2e-7.
+    the three phases' gradient norms) agree to 1.1e-6 relative, BN running statistics to 8e-6 of
+    their tensor's largest entry (the discriminator's deepest BN, which sees weights that moved on
+    rounding noise, see below).
     AdamW turns a gradient into a step of about ``lr`` whatever its size, so a weight whose
     gradient is rounding noise steps on that noise: the VAE attention's key biases (their
     gradient is exactly 0 in exact arithmetic, softmax being invariant to a shift shared by all
@@ -231,7 +233,9 @@ def test_two_process_torchrun_matches_one_process(tmp_path, store):
             if not t.is_floating_point():  # step counters: the same number of BN updates and D steps
                 assert torch.equal(t, s2[name]), (key, name)
             elif "running_" in name:  # BN statistics: computed over both ranks' images
-                torch.testing.assert_close(s2[name], t, rtol=1e-5, atol=1e-9, msg=f"{key} {name}")
+                # entries near 0 differ relatively more: bound the difference by the tensor's scale
+                scale = max(float(t.abs().max()), 1e-6)
+                torch.testing.assert_close(s2[name], t, rtol=1e-5, atol=2e-5 * scale, msg=f"{key} {name}")
             else:
                 weights.append((t.double() - s2[name].double()).abs().flatten())
         diff = torch.cat(weights)

@@ -49,11 +49,15 @@ __all__ = [
 REPAE_EXTRA_HINT = "pip install 'irepa[repae]'"
 
 
+class MissingExtra(ImportError, ValueError):
+    """An optional package a flag needs (a one-line user error in the CLIs)."""
+
+
 def require_lpips():
-    """Import ``lpips`` or raise a one-line ImportError naming the optional extra."""
+    """Import ``lpips`` or raise a one-line :class:`MissingExtra` naming the optional extra."""
     if importlib.util.find_spec("lpips") is None:
-        raise ImportError("--objective repae needs the optional extra 'repae' (the lpips package): "
-                          f"{REPAE_EXTRA_HINT}")
+        raise MissingExtra("--objective repae needs the optional extra 'repae' (the lpips package): "
+                           f"{REPAE_EXTRA_HINT}")
     import lpips
 
     return lpips

@@ -200,7 +200,7 @@ class _VaePhase(nn.Module):
             recon = self.vae.decode(z).sample
         carry.update(x=x, z=z.detach(), recon=recon.detach())
         B = x.shape[0]
-        g = o.gan_factor(draws, disc)
+        g = o.gan_factor(carry, disc)
         dev = x.device.type
         with _full_precision(dev):
             r = recon.float()
@@ -243,7 +243,7 @@ class _DiscriminatorPhase(nn.Module):
         if "recon" not in carry:
             raise RuntimeError("the repae discriminator phase needs the vae phase's reconstructions in `carry`; "
                                "the loop must run the phases of a micro-batch in order (vae, discriminator, sit)")
-        g = self._obj.gan_factor(draws, self.disc)
+        g = self._obj.gan_factor(carry, self.disc)
         x, recon = carry["x"], carry["recon"]
         with _full_precision(x.device.type):
             real = self.disc(x.float())
@@ -323,7 +323,7 @@ class RepaeObjective(Objective):
         if self._vae is None:
             from irepa.pipeline.vae import load_vae
 
-            enc = load_vae(self.vae_id(), local_files_only=True)
+            enc = load_vae(self.vae_id())  # the hub when it is reachable; one line naming --vae when not
             self._vae_id = enc.id
             self._vae = enc.vae.float().train().requires_grad_(True)
         return self._vae
@@ -547,19 +547,20 @@ class RepaeObjective(Objective):
         drop = torch.rand(batch, generator=generator, device=device) < float(_cfg(self.cfg, "class_dropout", 0.1))
         return {"post": post, "t": t, "eps": eps, "drop": drop}
 
-    def gan_step(self, draws: dict, disc: nn.Module) -> int:
-        """The global step for the GAN schedule: ``draws["step"]`` when the loop supplies it, else
-        the discriminator's micro-batch counter (checkpointed) over ``--grad-accum``."""
-        if "step" in draws:
-            s = draws["step"]
+    def gan_step(self, carry: dict, disc: nn.Module) -> int:
+        """The global step for the GAN schedule: the loop's step (``carry["step"]``, right after a
+        resume with another --grad-accum too); called outside the loop, the discriminator's
+        micro-batch counter (checkpointed) over ``--grad-accum``."""
+        if carry.get("step") is not None:
+            s = carry["step"]
             return int(s.reshape(-1)[0]) if isinstance(s, torch.Tensor) else int(s)
         return int(disc.steps) // max(1, int(_cfg(self.cfg, "grad_accum", 1) or 1))
 
-    def gan_factor(self, draws: dict, disc: nn.Module) -> float:
+    def gan_factor(self, carry: dict, disc: nn.Module) -> float:
         """1.0 from step ``disc_start`` on, else 0.0 (the release's ``discriminator_factor``)."""
         if self.opts.disc_start <= 0:
             return 1.0
-        return 1.0 if self.gan_step(draws, disc) >= self.opts.disc_start else 0.0
+        return 1.0 if self.gan_step(carry, disc) >= self.opts.disc_start else 0.0
 
     def phases(self, model: nn.Module, extra: dict[str, nn.Module]) -> list[Phase]:
         """``vae``, ``discriminator``, ``sit``: the release's order. Under an initialised process
@@ -708,9 +709,11 @@ def export_vae(run_dir_or_ckpt: str | os.PathLike, out_dir: str | os.PathLike | 
     info = {"source_checkpoint": str(Path(ckpt).resolve()), "step": int(obj.get("step", -1)),
             "start_vae": vae_entry.get("id"), "latent_bn_ema": bn}
     (tmp / "repae_export.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
+    old = None
+    if out.exists():  # moved aside, not deleted, until the new folder is in place
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     return out
