@@ -533,6 +533,7 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
                  prepare: Callable[[str, ParsedArgs], None] | None = None,
                  extra_fields: Callable[[str], Sequence[type]] | None = None,
                  help_sections: Callable[[str], Mapping[str, type]] | None = None,
+                 help_extra: Callable[[str, ParsedArgs], str] | None = None,
                  user_errors: Callable[[], tuple[type[BaseException], ...]] | None = None) -> Any:
     """Check the command line, then let fire dispatch ``commands[name]`` with the checked values.
 
@@ -540,7 +541,9 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
     With ``default`` the command name is implied (single-command programs). ``extra_fields(name)``
     returns more option dataclasses for a flag that is not a field of the command's (an
     objective's own options);
-    ``help_sections(command)`` adds titled blocks of such flags to ``--help``. User errors
+    ``help_sections(command)`` adds titled blocks of such flags to ``--help``, and
+    ``help_extra(command, parsed)`` text after them (e.g. what the flags given beside ``--help``
+    resolve to). User errors
     (OptionError, ValueError, FileNotFoundError and the classes ``user_errors()`` returns,
     imported only when an error happens) print one line and exit 2; ``IREPA_DEBUG=1`` shows the
     traceback; Ctrl-C and closed pipes exit quietly.
@@ -569,6 +572,8 @@ def run_commands(prog: str, commands: Mapping[str, tuple[type, Callable[..., Any
         parsed = parse_argv(cls, rest, full, unknown=extra_fields)
         if parsed.help:
             sys.stdout.write(format_help(cls, full, summary, help_sections(name) if help_sections else None))
+            if help_extra is not None:
+                sys.stdout.write(help_extra(name, parsed))
             return None
         if prepare is not None:
             prepare(name, parsed)

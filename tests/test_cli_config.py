@@ -94,6 +94,47 @@ def test_misspelt_flag_exits_2_before_any_work(tmp_path):
     assert res.returncode == 2 and not out.exists()
 
 
+def test_command_lines_are_checked_before_torch_loads(tmp_path):
+    """A misspelt flag, a flag of another objective's and --help are answered without importing
+    torch (the objectives' options are plain dataclasses), which is what makes them instant."""
+    probe = (
+        "import sys\n"
+        "from irepa.trainer.cli import main\n"
+        "sys.argv = ['irepa-train'] + sys.argv[1:]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)\n")
+    for args, code in ((["--cach", "x"], 2), (["--mf-rato", "0.5"], 2), (["--help"], 0),
+                       (["--objective", "jit", "--help"], 0)):
+        res = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+        assert res.stdout.strip().splitlines()[-1] == f"NO-TORCH {code}", (args, res.stdout[-300:], res.stderr)
+    res = subprocess.run([sys.executable, "-c", probe, "--mf-rato", "0.5"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert "unknown flag --mf-rato; did you mean --mf-ratio" in res.stderr
+    from irepa.trainer.objectives import get_objective, objective_names, objective_options
+
+    for name in objective_names():  # the light table and the objective classes agree
+        assert objective_options(name) is get_objective(name).Options
+
+
+def test_help_shows_what_an_objective_resolves_to(capsys):
+    from irepa.trainer.cli import main
+
+    main(["--help"])
+    plain = capsys.readouterr().out
+    assert "--betas B1,B2\n      AdamW betas [default: 0.9,0.999]" in plain
+    assert "`irepa-train --objective NAME --help`" in plain
+    main(["--objective", "jit", "--help"])
+    extra = capsys.readouterr().out.split("resolved with --objective jit (presets applied)")[1]
+    rows = dict(line.split(None, 1) for line in extra.strip().splitlines()[1:])
+    assert rows["--betas"] == "0.9,0.95" and rows["--blr"] == "5e-05" and rows["--align"] == "irepa-official-jit"
+    assert rows["--ema"] == "0.9999,0.9996" and rows["--gamma"] == "0.8" and "--objective" not in rows
+    main(["--objective", "meanflow", "--align", "repa", "--help"])
+    extra = capsys.readouterr().out.split("(presets applied)")[1]
+    rows = dict(line.split(None, 1) for line in extra.strip().splitlines()[1:])
+    assert rows["--projector"] == "mlp" and rows["--proj-coeff"] == "0.5" and rows["--sample-steps"] == "1"
+
+
 def test_flip_false_builds_without_flips(tmp_path):
     from irepa.pipeline.cli import COMMANDS, run_fire
 

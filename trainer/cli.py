@@ -16,21 +16,65 @@ __all__ = ["train", "sample", "main", "sample_main", "eval_main"]
 
 def _objective_flag(name: str) -> list[type]:
     """Where to look up a flag that is not a TrainConfig field: every objective's own options
-    (imports the objectives, and so torch: only a flag outside TrainConfig pays for that)."""
-    from irepa.trainer.objectives import get_objective, objective_names
+    (their dataclasses only: no torch, so a misspelt flag is answered at once)."""
+    from irepa.trainer.objectives import objective_names, objective_options
 
-    return [o for o in (get_objective(n).Options for n in objective_names()) if o is not None]
+    return [o for o in (objective_options(n) for n in objective_names()) if o is not None]
 
 
 def _objective_sections(command: str) -> dict[str, type]:
-    from irepa.trainer.objectives import get_objective, objective_names
+    from irepa.trainer.objectives import objective_names, objective_options
 
     out = {}
     for n in objective_names():
-        opts = get_objective(n).Options
+        opts = objective_options(n)
         if opts is not None:
             out[f"--objective {n} flags:"] = opts
     return out
+
+
+def _resolved_help(command: str, parsed: ParsedArgs) -> str:
+    """What ``--help`` adds after the flag list: with other flags given (``--objective jit
+    --help``), the values they resolve to where those differ from the defaults listed (an
+    objective's or alignment preset's own learning rate, betas, EMA, ...)."""
+    import dataclasses
+
+    from irepa.pipeline.config import flag_name, to_json
+    from irepa.trainer.config import resolve_train
+
+    if not parsed.values and parsed.config is None:
+        return ("\nThe defaults above are --objective flow's; `irepa-train --objective NAME --help` (or with any other "
+                "flags) shows what they resolve to.\n")
+    try:
+        cfg, opts, _ = resolve_train(parsed.values, parsed.config)
+    except Exception as err:  # noqa: BLE001 - help still prints; the run would fail the same way
+        return f"\nthese flags do not resolve: {err}\n"
+    lines = []
+    for obj in (cfg, opts) if opts is not None else (cfg,):
+        values = to_json(obj)
+        for f in dataclasses.fields(obj):
+            if f.default is dataclasses.MISSING or f.metadata.get("hidden") or f.name in parsed.values:
+                continue
+            default = f.default
+            if values[f.name] != to_json_value(default):
+                lines.append(f"  {flag_name(f.name)} {_show(values[f.name])}")
+    given = " ".join(f"{flag_name(k)} {_show(v)}" for k, v in parsed.values.items())
+    given += f" --config {parsed.config}" if parsed.config else ""
+    head = f"\nresolved with {given.strip()} (presets applied), these differ from the defaults above:\n"
+    return head + ("\n".join(lines) if lines else "  (none)") + "\n"
+
+
+def to_json_value(v: Any) -> Any:
+    """A default as :func:`~irepa.pipeline.config.to_json` writes a value (tuples as lists)."""
+    return [to_json_value(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return "none" if v is None else str(v)
 
 
 def _train(parsed: ParsedArgs) -> None:
@@ -112,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         run_commands("irepa-train export-vae", EXPORT_VAE, argv[1:], default="export-vae", user_errors=_user_errors)
         return
     run_commands("irepa-train", TRAIN, argv, default="train", extra_fields=_objective_flag,
-                 help_sections=_objective_sections, user_errors=_user_errors)
+                 help_sections=_objective_sections, help_extra=_resolved_help, user_errors=_user_errors)
 
 
 def sample_main(argv: list[str] | None = None) -> None:

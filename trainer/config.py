@@ -243,11 +243,11 @@ class ExportVaeConfig:
 
 def objective_fields(name: str | None = None) -> dict[str, dataclasses.Field]:
     """Fields of the objectives' own options (one objective's, or every built-in's), by name."""
-    from irepa.trainer.objectives import get_objective, objective_names
+    from irepa.trainer.objectives import objective_names, objective_options
 
     out: dict[str, dataclasses.Field] = {}
     for n in ([name] if name else objective_names()):
-        opts = get_objective(n).Options
+        opts = objective_options(n)
         if opts is not None:
             for f in dataclasses.fields(opts):
                 out[f.name] = f

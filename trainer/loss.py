@@ -16,10 +16,9 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["PATHS", "TIME_SAMPLERS", "interpolant", "FlowMatching", "mean_flat"]
+from irepa.trainer.objectives.options import PATHS, TIME_SAMPLERS
 
-PATHS = ("linear", "cosine")
-TIME_SAMPLERS = ("uniform", "lognormal")
+__all__ = ["PATHS", "TIME_SAMPLERS", "interpolant", "FlowMatching", "mean_flat"]
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -11,29 +11,20 @@ store's VAE.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from irepa.pipeline.config import option
 from irepa.trainer.align import AlignmentLoss, alignment_terms
 from irepa.trainer.data import sample_posterior
-from irepa.trainer.loss import PATHS, TIME_SAMPLERS, FlowMatching, mean_flat
+from irepa.trainer.loss import FlowMatching, mean_flat
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
+from irepa.trainer.objectives.options import FlowOptions
 
 __all__ = ["FlowOptions", "Flow", "FlowStep", "sit_model_config", "check_sit_data", "check_sit_init", "latent_decoder",
            "hw_of"]
-
-
-@dataclass
-class FlowOptions:
-    """Options of the flow objective."""
-
-    path_type: str = option("linear", "interpolant: linear (REPA) | cosine", choices=PATHS)
-    time_sampler: str = option("uniform", "t ~ uniform | lognormal (t = sigmoid(N(0, 1)))", choices=TIME_SAMPLERS)
 
 
 class FlowStep(nn.Module):

@@ -34,7 +34,6 @@ EMAs 0.9999 (sampled from) and 0.9996, no gradient clipping, label drop 0.1).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,60 +42,11 @@ import torch.nn as nn
 from irepa.trainer.align import alignment_terms
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
+from irepa.trainer.objectives.options import JIT_SAMPLERS as SAMPLERS
+from irepa.trainer.objectives.options import JiTOptions
 
 __all__ = ["JiTOptions", "JiTObjective", "JiTStep", "jit_velocity", "heun_sample", "to_uint8", "pixels_to_unit"]
 
-SAMPLERS = ("heun", "euler")
-
-
-@dataclass
-class JiTOptions:
-    """``--objective jit``'s own flags."""
-
-    noise_scale: float | None = field(default=None, metadata={
-        "help": "std of the noise e: z = t x + (1 - t) e, e ~ N(0, noise_scale^2); default by resolution: "
-                "1.0 at 256 px, 2.0 at 512 px (the paper's), H / 256 in general (at least 1.0)"})
-    p_mean: float = field(default=-0.8, metadata={
-        "help": "mean of the logit-normal time draw t = sigmoid(N(p_mean, p_std))"})
-    p_std: float = field(default=0.8, metadata={"help": "std of the logit-normal time draw"})
-    t_eps: float = field(default=0.05, metadata={
-        "help": "clamp of 1 - t in v = (x - z) / max(1 - t, t_eps), in training and sampling"})
-    in_context_len: int | None = field(default=None, metadata={
-        "help": "number of in-context class tokens (default: the model table's, 32; 0 = none)"})
-    in_context_start: int | None = field(default=None, metadata={
-        "help": "0-based block before which the in-context tokens are prepended (default: the model table's: "
-                "B 4, L 8, H/G 10)"})
-    bottleneck_dim: int | None = field(default=None, metadata={
-        "help": "width of the bottleneck patch embedding (default: the model table's: B/L 128, H/G 256)"})
-    attn_dropout: float = field(default=0.0, metadata={
-        "help": "attention dropout in the middle half of the blocks (official code; draws from torch's global "
-                "RNG, so a run with dropout does not reproduce across rank counts)"})
-    proj_dropout: float = field(default=0.0, metadata={
-        "help": "projection / MLP dropout in the middle half of the blocks (same caveat)"})
-    sampler: str = field(default="heun", metadata={
-        "help": "ODE sampler: heun (the official default) or euler; the last step is Euler either way"})
-    sampling_steps: int = field(default=50, metadata={"help": "number of ODE steps (heun: 2 * steps - 1 model calls)"})
-    interval_min: float = field(default=0.1, metadata={
-        "help": "CFG is applied only for t > interval_min (JiT time, t = 1 is data; 0 = no lower bound)"})
-    interval_max: float = field(default=1.0, metadata={"help": "CFG is applied only for t < interval_max"})
-
-    def __post_init__(self) -> None:
-        if self.noise_scale is not None and self.noise_scale <= 0:
-            raise ValueError(f"--noise-scale must be > 0; got {self.noise_scale}")
-        if self.p_std <= 0:
-            raise ValueError(f"--p-std must be > 0; got {self.p_std}")
-        if not 0 < self.t_eps <= 1:
-            raise ValueError(f"--t-eps must be in (0, 1]; got {self.t_eps}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {SAMPLERS}; got {self.sampler!r}")
-        if self.sampling_steps < 1:
-            raise ValueError(f"--sampling-steps must be >= 1; got {self.sampling_steps}")
-        if not 0 <= self.interval_min < self.interval_max <= 1:
-            raise ValueError("the CFG interval needs 0 <= --interval-min < --interval-max <= 1; "
-                             f"got [{self.interval_min}, {self.interval_max}]")
-        for k in ("attn_dropout", "proj_dropout"):
-            if not 0 <= getattr(self, k) < 1:
-                raise ValueError(f"--{k.replace('_', '-')} must be in [0, 1); got {getattr(self, k)}")
 
 
 def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:

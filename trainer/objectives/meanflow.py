@@ -49,9 +49,6 @@ and 3 and runs the JVP eagerly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
@@ -60,117 +57,16 @@ import torch.nn as nn
 from irepa.trainer.align import alignment_terms
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
+from irepa.trainer.objectives.options import (GUIDANCE_PRESETS, TIME_DISTS, GuidancePreset,
+                                                 MeanFlowOptions, resolve_options)
 
 __all__ = ["GUIDANCE_PRESETS", "GuidancePreset", "MeanFlowOptions", "resolve_options", "MeanFlowLoss",
            "MeanFlow", "math_attention", "meanflow_sample", "TIME_DISTS", "SAMPLE_METHODS"]
 
-TIME_DISTS = ("logit_normal", "uniform")
+
 #: "meanflow": z_r = z_t - (t - r) u(z_t, r, t) on t = linspace(1, 0, steps + 1); "ode" is accepted
 #: as its alias (the Euler step of the average velocity), so a flow-style config samples too
 SAMPLE_METHODS = ("meanflow", "ode")
-
-
-# ----------------------------------------------------------------------------- guidance presets
-
-
-@dataclass(frozen=True)
-class GuidancePreset:
-    """Training-time guidance: ``v_g = w v + (1 - w - k) u_null + k u_cond`` for t in [t_min, t_max]."""
-
-    w: float
-    k: float
-    t_min: float
-    t_max: float
-    source: str
-
-    @property
-    def effective_scale(self) -> float:
-        """The CFG scale the trained field corresponds to, ``w / (1 - k)`` (the release's README)."""
-        return self.w / (1.0 - self.k) if self.k != 1.0 else math.inf
-
-
-#: Named recipes. ``b2`` is also the release's MF-B/4 default (configs/default.py); ``b2``/``l2``
-#: /``xl2`` are the paper's per-model settings as its third-party reproductions transcribe them
-#: (see docs/MEANFLOW.md); ``unguided`` trains ``v_g = v`` (no guidance passes).
-GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
-    "b2": GuidancePreset(1.0, 0.5, 0.0, 1.0, "release configs/default.py (MF-B/4); paper, MF-B/2"),
-    "l2": GuidancePreset(0.2, 0.92, 0.0, 0.8, "paper, MF-L/2"),
-    "xl2": GuidancePreset(0.2, 0.92, 0.0, 0.75, "paper, MF-XL/2"),
-    "unguided": GuidancePreset(1.0, 0.0, 0.0, 1.0, "release guidance_eq='none'"),
-}
-#: ``--mf-preset auto``: by the SiT size of ``--model`` (S is not in the paper: it gets B's)
-AUTO_PRESET = {"S": "b2", "B": "b2", "L": "l2", "XL": "xl2"}
-
-
-@dataclass
-class MeanFlowOptions:
-    """``irepa-train --objective meanflow`` flags (defaults: the official release)."""
-
-    mf_preset: str = field(default="auto", metadata={"help": (
-        "training-time guidance recipe: auto (by --model: S/B -> b2, L -> l2, XL -> xl2), b2 (w 1.0, k 0.5, "
-        "t in [0, 1]), l2 (w 0.2, k 0.92, t in [0, 0.8]), xl2 (w 0.2, k 0.92, t in [0, 0.75]), unguided; "
-        "--mf-cfg-* override single fields")})
-    mf_cfg_w: float | None = field(default=None, metadata={
-        "help": "guidance w (omega): weight of the conditional velocity v (default: the preset's)"})
-    mf_cfg_k: float | None = field(default=None, metadata={
-        "help": "guidance k (kappa): weight of the model's own conditional u(z, t, t | c) (default: the preset's)"})
-    mf_cfg_t_min: float | None = field(default=None, metadata={"help": "guidance applies for t >= this "
-                                                                       "(default: the preset's)"})
-    mf_cfg_t_max: float | None = field(default=None, metadata={"help": "guidance applies for t <= this "
-                                                                       "(default: the preset's)"})
-    mf_ratio: float = field(default=0.75, metadata={
-        "help": "fraction of each batch with r = t (the release's data_proportion; the paper's 'ratio of r != t' "
-                "is 1 - this)"})
-    mf_time_dist: str = field(default="logit_normal", metadata={"help": "t and r distribution: logit_normal "
-                                                                        "(sigmoid(N(mu, sigma))) or uniform"})
-    mf_time_mu: float = field(default=-0.4, metadata={"help": "logit-normal mean of t and r"})
-    mf_time_sigma: float = field(default=1.0, metadata={"help": "logit-normal std of t and r"})
-    mf_adaptive_p: float = field(default=1.0, metadata={"help": "adaptive weight power p: loss / sg((loss + c)^p); "
-                                                                "0 = plain squared error"})
-    mf_adaptive_c: float = field(default=1e-2, metadata={"help": "adaptive weight constant c"})
-
-    def __post_init__(self) -> None:
-        if self.mf_preset != "auto" and self.mf_preset not in GUIDANCE_PRESETS:
-            raise ValueError(f"--mf-preset {self.mf_preset!r}: expected auto or one of {sorted(GUIDANCE_PRESETS)}")
-        if not 0.0 <= self.mf_ratio <= 1.0:
-            raise ValueError(f"--mf-ratio must lie in [0, 1]; got {self.mf_ratio}")
-        if self.mf_time_dist not in TIME_DISTS:
-            raise ValueError(f"--mf-time-dist {self.mf_time_dist!r}: expected one of {TIME_DISTS}")
-        if not self.mf_time_sigma > 0:
-            raise ValueError(f"--mf-time-sigma must be > 0; got {self.mf_time_sigma}")
-        if self.mf_adaptive_p < 0 or not self.mf_adaptive_c > 0:
-            raise ValueError(f"--mf-adaptive-p must be >= 0 and --mf-adaptive-c > 0; got p {self.mf_adaptive_p}, "
-                             f"c {self.mf_adaptive_c}")
-        lo, hi = self.mf_cfg_t_min, self.mf_cfg_t_max
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"--mf-cfg-t-min {lo} > --mf-cfg-t-max {hi}")
-
-
-def _size_of(model_name: str) -> str:
-    try:
-        return model_name.split("-", 1)[1].split("/", 1)[0]
-    except IndexError:
-        return ""
-
-
-def resolve_options(opts: MeanFlowOptions | None, model_name: str) -> MeanFlowOptions:
-    """``opts`` with the preset expanded: ``mf_preset`` concrete (``auto`` resolved by the model
-    size) and every ``mf_cfg_*`` filled in (explicit values win). What ``args.json`` should hold."""
-    opts = opts if opts is not None else MeanFlowOptions()
-    name = opts.mf_preset
-    if name == "auto":
-        size = _size_of(model_name)
-        if size not in AUTO_PRESET:
-            raise ValueError(f"--mf-preset auto: cannot tell the SiT size of --model {model_name!r}; "
-                             f"pass --mf-preset one of {sorted(GUIDANCE_PRESETS)}")
-        name = AUTO_PRESET[size]
-    p = GUIDANCE_PRESETS[name]
-    pick = {"mf_cfg_w": p.w, "mf_cfg_k": p.k, "mf_cfg_t_min": p.t_min, "mf_cfg_t_max": p.t_max}
-    filled = {k: (getattr(opts, k) if getattr(opts, k) is not None else v) for k, v in pick.items()}
-    out = dataclasses.replace(opts, mf_preset=name, **filled)
-    if out.mf_cfg_t_min > out.mf_cfg_t_max:
-        raise ValueError(f"MeanFlow guidance window [{out.mf_cfg_t_min}, {out.mf_cfg_t_max}] is empty")
-    return out
 
 
 # ----------------------------------------------------------------------------- attention for the JVP

@@ -67,17 +67,16 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from irepa.pipeline.config import option
 from irepa.trainer.align import alignment_terms
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
+from irepa.trainer.objectives.options import RepaeOptions
 from irepa.trainer.repae_parts import (PatchDiscriminator, SyncableBatchNorm2d, build_lpips, decode_to_uint8,
                                        frozen, hinge_d_loss, load_discriminator, lpips_trunk_path, require_lpips,
                                        set_bn_sync, sit_hidden_at_depth)
@@ -86,61 +85,6 @@ __all__ = ["RepaeOptions", "RepaeObjective", "export_vae", "DEFAULT_VAE"]
 
 #: the release starts from SD-VAE ft-MSE (its REPA-E/sdvae checkpoint is derived from it)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
-BN_INITS = ("auto", "store", "vae")
-
-
-@dataclass
-class RepaeOptions:
-    """``--objective repae`` flags; defaults are the release's (``train_repae.py`` and
-    ``configs/l1_lpips_kl_gan.yaml``)."""
-
-    path_type: str = option("linear", "interpolant: linear (REPA, the release) | cosine", choices=("linear", "cosine"))
-    time_sampler: str = option("uniform", "t ~ uniform (the release) | lognormal (t = sigmoid(N(0, 1)))",
-                             choices=("uniform", "lognormal"))
-    vae_align_coeff: float = option(1.5, "weight of the alignment loss in the VAE loss (release --vae-align-proj-coeff)")
-    l1_weight: float = option(1.0, "weight of the L1 reconstruction loss (pixels in [-1, 1])")
-    lpips_weight: float = option(1.0, "weight of the LPIPS perceptual loss")
-    kl_weight: float = option(1e-6, "weight of the posterior KL (summed over latent elements, mean over images)")
-    gan_weight: float = option(0.1, "weight of the generator's hinge GAN loss (release discriminator_weight; constant, "
-                                  "no adaptive weight)")
-    disc_start: int = option(0, "step from which the GAN losses are on (release discriminator_start)")
-    disc_layers: int = option(3, "PatchGAN discriminator strided layers (release n_layers)")
-    disc_channels: int = option(64, "PatchGAN discriminator width of the first layer (release ndf)")
-    disc_weights: str | None = option(None, "start the discriminator from these weights (release "
-                                          "--disc-pretrained-ckpt, e.g. REPA-E/sdvae's sdvae-f8d4-discriminator-ckpt.pt; "
-                                          "a state dict with main.* keys or a checkpoint holding 'discriminator')")
-    lpips_net: str = option("vgg", "LPIPS trunk: vgg (release), alex or squeeze", choices=("vgg", "alex", "squeeze"))
-    lpips_weights: str | None = option(None, "LPIPS trunk weights: a torchvision state dict or full LPIPS state dict; "
-                                           "default torchvision's cached vgg16-397923af.pth; 'random' for tests")
-    lpips_release_scaling: bool = option(True, "feed LPIPS as the release does (its [-1, 1] images mapped again by "
-                                             "2x - 1); false: LPIPS's documented [-1, 1] input")
-    bn_momentum: float = option(0.1, "momentum of the SiT's latent BatchNorm (release --bn-momentum)")
-    bn_eps: float = option(1e-4, "eps of the SiT's latent BatchNorm (release: 1e-4)")
-    bn_init: str = option("auto", "latent BatchNorm start: auto (store latent_stats when they are this VAE's, else the "
-                                "VAE's scaling_factor), store, or vae", choices=BN_INITS)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Bad values fail when the options are made, before any work."""
-        if self.path_type not in ("linear", "cosine") or self.time_sampler not in ("uniform", "lognormal"):
-            raise ValueError(f"--path-type must be linear or cosine and --time-sampler uniform or lognormal; got "
-                             f"{self.path_type!r}, {self.time_sampler!r}")
-        for k in ("vae_align_coeff", "l1_weight", "lpips_weight", "kl_weight", "gan_weight"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"--{k.replace('_', '-')} must be >= 0; got {getattr(self, k)}")
-        if self.disc_start < 0:
-            raise ValueError(f"--disc-start must be >= 0; got {self.disc_start}")
-        if self.disc_layers < 1 or self.disc_channels < 1:
-            raise ValueError(f"--disc-layers and --disc-channels must be >= 1; got {self.disc_layers}, "
-                             f"{self.disc_channels}")
-        if self.lpips_net not in ("vgg", "alex", "squeeze"):
-            raise ValueError(f"--lpips-net must be vgg, alex or squeeze; got {self.lpips_net!r}")
-        if not 0 <= self.bn_momentum <= 1 or self.bn_eps <= 0:
-            raise ValueError(f"--bn-momentum must be in [0, 1] and --bn-eps > 0; got {self.bn_momentum}, {self.bn_eps}")
-        if self.bn_init not in BN_INITS:
-            raise ValueError(f"--bn-init must be one of {BN_INITS}; got {self.bn_init!r}")
 
 
 def _cfg(cfg: Any, name: str, default: Any = None) -> Any:
