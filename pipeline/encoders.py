@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .encoder_profiles import (
-    CLIP_MEAN, CLIP_STD, FAMILY_RULES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZE_THEN_RESIZE, PROFILES,
+    FAMILY_RULES, IMAGENET_MEAN, IMAGENET_STD, NORMALIZE_THEN_RESIZE, PROFILES,
     PosEmbedRule, Profile, preprocess_images, resample_pos_embed,
 )
 from .encoder_weights import PREFERRED_KEYS, load_encoder_weights, load_state_dict_strict, read_checkpoint

@@ -13,7 +13,6 @@ from irepa.trainer.align import (
     PRESETS,
     AlignConfig,
     AlignmentLoss,
-    TokenConv2d,
     alignment_loss_reference,
     build_projector,
     resolve_align,

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -103,8 +102,8 @@ def test_command_lines_are_checked_before_torch_loads(tmp_path):
         "sys.argv = ['irepa-train'] + sys.argv[1:]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)\n")
-    for args, code in ((["--cach", "x"], 2), (["--mf-rato", "0.5"], 2), (["--help"], 0),
-                       (["--objective", "jit", "--help"], 0)):
+    # (--objective jit --help does import it: it shows what the objective's presets resolve to)
+    for args, code in ((["--cach", "x"], 2), (["--mf-rato", "0.5"], 2), (["--help"], 0)):
         res = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         assert res.stdout.strip().splitlines()[-1] == f"NO-TORCH {code}", (args, res.stdout[-300:], res.stderr)

@@ -4,7 +4,6 @@ same images computed another way (issue 13)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

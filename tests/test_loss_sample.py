@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from irepa.trainer.loss import FlowMatching, interpolant, mean_flat
+from irepa.trainer.loss import FlowMatching, mean_flat
 from irepa.trainer.models import build_sit
 from irepa.trainer.sample import guidance_active, sample, velocity_to_score
 

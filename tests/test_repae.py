@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from irepa.trainer.align import resolve_align
 from irepa.trainer.objectives import DataSpec, get_objective, objective_names
 from irepa.trainer.objectives.repae import RepaeObjective, RepaeOptions, export_vae
-from irepa.trainer.repae_parts import (PatchDiscriminator, SyncableBatchNorm2d, build_lpips, require_lpips,
+from irepa.trainer.repae_parts import (PatchDiscriminator, SyncableBatchNorm2d, build_lpips,
                                        sit_hidden_at_depth)
 
 REPO = Path(__file__).resolve().parents[1]

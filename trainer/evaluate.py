@@ -28,11 +28,9 @@ those of a one-process run. Feature extraction runs in fp32 with TF32 off and de
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import warnings
 import zipfile

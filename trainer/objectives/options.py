@@ -16,7 +16,7 @@ from irepa.pipeline.config import option
 
 __all__ = ["FlowOptions", "JiTOptions", "MeanFlowOptions", "RepaeOptions", "BUILTIN_OPTIONS", "PATHS",
            "TIME_SAMPLERS", "JIT_SAMPLERS", "TIME_DISTS", "GuidancePreset", "GUIDANCE_PRESETS", "AUTO_PRESET",
-           "resolve_options", "BN_INITS"]
+           "resolve_options", "model_size", "BN_INITS"]
 
 #: flow-matching interpolants and time draws (``irepa.trainer.loss`` implements them)
 PATHS = ("linear", "cosine")
@@ -169,7 +169,8 @@ class MeanFlowOptions:
             raise ValueError(f"--mf-cfg-t-min {lo} > --mf-cfg-t-max {hi}")
 
 
-def _size_of(model_name: str) -> str:
+def model_size(model_name: str) -> str:
+    """The size letter of a SiT name (`SiT-XL/2` -> `XL`; empty when there is none)."""
     try:
         return model_name.split("-", 1)[1].split("/", 1)[0]
     except IndexError:
@@ -182,7 +183,7 @@ def resolve_options(opts: MeanFlowOptions | None, model_name: str) -> MeanFlowOp
     opts = opts if opts is not None else MeanFlowOptions()
     name = opts.mf_preset
     if name == "auto":
-        size = _size_of(model_name)
+        size = model_size(model_name)
         if size not in AUTO_PRESET:
             raise ValueError(f"--mf-preset auto: cannot tell the SiT size of --model {model_name!r}; "
                              f"pass --mf-preset one of {sorted(GUIDANCE_PRESETS)}")
