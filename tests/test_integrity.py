@@ -672,3 +672,22 @@ def test_clean_temporaries_removes_a_killed_runs_checkpoint_tmp_files(tmp_path):
     assert removed == [left] and not left.exists()
     assert (d / "0000010.pt").exists() and other.exists()
     assert clean_temporaries(tmp_path) == [] and clean_temporaries(tmp_path / "nothing") == []
+
+
+def test_checksum_is_crc32c_on_every_buffer_kind():
+    """The store checksum is crc32c (Castagnoli): the standard check value; every buffer kind the
+    readers hand it (bytes, arrays, memoryview slices, float16 rows) and continued crcs agree with
+    google-crc32c on plain bytes."""
+    import google_crc32c
+
+    from irepa.stores import checksum
+
+    assert checksum.crc32c(b"123456789") == 0xE3069283  # the published check value of CRC-32C
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 100_003, dtype=np.uint8)
+    rows = data[:99_000].view(np.float16).reshape(99, 500)
+    for buf in (data.tobytes(), data, memoryview(data)[7:5007], rows[3]):
+        assert checksum.crc32c(buf) == google_crc32c.value(bytes(memoryview(buf).cast("B")))
+    head = checksum.crc32c(data[:1000])
+    assert checksum.crc32c(data[1000:], head) == checksum.crc32c(data) == google_crc32c.extend(
+        google_crc32c.value(data[:1000].tobytes()), data[1000:].tobytes())

@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import numpy as np
 from numpy.lib import format as fmt
 
+from ..checksum import crc32c
 from ..errors import DamagedData, StoreError
 from ..layout import StoreLayout, dequantize_int8
 from ..manifest import FORMAT_VERSION, PARTIAL_SUFFIX, atomic_open, sha256_file
@@ -140,15 +141,9 @@ def clean_shard(root: Path, shard: int) -> None:
     f.unlink(missing_ok=True)
 
 
-def _crc32c(b: Any) -> int:
-    import google_crc32c  # a zarr dependency
-
-    return google_crc32c.value(b)
-
-
 def crc_member(members: dict[str, bytes]) -> bytes:
     """The `<key>.crc32c.json` bytes of a sample's members ({suffix: bytes}): sorted, compact."""
-    sums = {suffix: f"{_crc32c(b):08x}" for suffix, b in sorted(members.items())}
+    sums = {suffix: f"{crc32c(b):08x}" for suffix, b in sorted(members.items())}
     return json.dumps(sums, sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
@@ -221,7 +216,7 @@ def check_members(key: str, raw: dict[str, Any], sums: dict[str, int], where: st
         v = raw[suffix]
         if suffix == CRC_SUFFIX or isinstance(v, LazyArray):
             continue
-        have = _crc32c(v if isinstance(v, (bytes, np.ndarray)) else bytes(v))
+        have = crc32c(v if isinstance(v, (bytes, np.ndarray)) else bytes(v))
         want = sums[suffix]
         if have != want:
             raise DamagedData(f"{where} sample {key}{_row_of(key)}: member '{key}.{suffix}': crc32c mismatch "
@@ -533,9 +528,8 @@ class NpyRef(LazyArray):
                 raise DamagedData(f"{self.where}: could not read its {n} bytes at byte {self.offset} (file shrank?)")
             got += k
         if self.crc is not None:
-            import google_crc32c
 
-            have = google_crc32c.extend(self.head_crc, flat)
+            have = crc32c(flat, self.head_crc)
             if have != self.crc:
                 raise DamagedData(f"{self.where}: crc32c mismatch (stored {self.crc:08x}, computed {have:08x}): "
                                   "the file is damaged")
@@ -637,7 +631,7 @@ def _npy_ref(win: _Window, ident: tuple[int, int], name: str, data: int, size: i
         shape, fortran, dtype, need = _npy_header(bytes(win.get(data, hlen, _LAZY_AHEAD)))
         if size - hlen != need:
             raise ValueError(f"payload has {size - hlen} bytes, the header's {dtype} {shape} needs {need}")
-        head_crc = _crc32c(bytes(win.get(data, hlen, _LAZY_AHEAD)))
+        head_crc = crc32c(bytes(win.get(data, hlen, _LAZY_AHEAD)))
     except StoreError:
         raise
     except Exception as e:

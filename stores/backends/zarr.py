@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checksum import crc32c
 from ..errors import DamagedData, StoreError
 from ..layout import StoreLayout
 from ..manifest import FORMAT_VERSION, PARTIAL_SUFFIX, atomic_open, fsync_dir, fsync_file, sha256_file, shard_range
@@ -154,7 +155,6 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False,
     Rows that are all zero are left out (index entry 2**64-1), as zarr does with
     write_empty_chunks=False; None when every row is empty (zarr writes no file then).
     """
-    import google_crc32c  # a zarr dependency (its crc32c codec)
 
     n = len(data)
     flat = np.ascontiguousarray(data).reshape(n, -1)
@@ -176,7 +176,7 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False,
     if crc:
         buf = np.empty((len(k), chunk), dtype=np.uint8)
         buf[:, :row_bytes] = raw[k]
-        sums = np.array([google_crc32c.value(raw[i]) for i in k], dtype="<u4")
+        sums = np.array([crc32c(raw[i]) for i in k], dtype="<u4")
         buf[:, row_bytes:] = sums.view(np.uint8).reshape(-1, 4)
         parts.append(memoryview(buf.reshape(-1)))
     elif nonempty.all():
@@ -186,7 +186,7 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False,
         for run in np.split(k, breaks):
             parts.append(memoryview(raw[run[0]:run[-1] + 1].reshape(-1)))
     index_bytes = index.tobytes()
-    index_crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
+    index_crc = np.array([crc32c(index_bytes)], dtype="<u4").tobytes()
     parts += [memoryview(index_bytes), memoryview(index_crc)]
     return parts
 
@@ -194,7 +194,6 @@ def encode_shard(data: np.ndarray, shard_rows: int, crc: bool = False,
 def _encode_compressed(flat: np.ndarray, nonempty: np.ndarray, shard_rows: int, crc: bool,
                        level: int) -> list[memoryview]:
     """encode_shard's zstd variant: chunks of varying size, each a zstd frame (+ its crc32c)."""
-    import google_crc32c
     from numcodecs import Zstd
 
     codec = Zstd(level=level)
@@ -204,12 +203,12 @@ def _encode_compressed(flat: np.ndarray, nonempty: np.ndarray, shard_rows: int, 
     raw = flat.view(np.uint8).reshape(len(flat), -1)
     for i in np.flatnonzero(nonempty):
         frame = bytes(codec.encode(raw[i]))
-        chunk = frame + (google_crc32c.value(frame).to_bytes(4, "little") if crc else b"")
+        chunk = frame + (crc32c(frame).to_bytes(4, "little") if crc else b"")
         index[i] = (off, len(chunk))
         off += len(chunk)
         parts.append(memoryview(chunk))
     index_bytes = index.tobytes()
-    parts += [memoryview(index_bytes), memoryview(google_crc32c.value(index_bytes).to_bytes(4, "little"))]
+    parts += [memoryview(index_bytes), memoryview(crc32c(index_bytes).to_bytes(4, "little"))]
     return parts
 
 
@@ -326,10 +325,9 @@ class ShardedRows:
         if os.preadv(fd, [raw], start) != n:
             return f"file {path}: short read of its shard index (the file shrank while reading?)"
         if self.checks:
-            import google_crc32c
 
             want = int.from_bytes(raw[-4:].tobytes(), "little")
-            have = google_crc32c.value(raw[:-4])
+            have = crc32c(raw[:-4])
             if want != have:
                 return (f"the shard index at the end of file {path} fails its crc32c check (stored {want:08x}, "
                         f"computed {have:08x}): the file is damaged")
@@ -349,7 +347,6 @@ class ShardedRows:
 
         damaged None: the first damaged row raises DamagedData. A list: each damaged row's
         (position in `rows`, message) is appended and its output is zeros."""
-        import google_crc32c
 
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
@@ -400,7 +397,7 @@ class ShardedRows:
                         continue
                     if self.crc and self.checks:
                         want = int.from_bytes(crcbuf.tobytes(), "little")
-                        have = google_crc32c.value(flat[j])
+                        have = crc32c(flat[j])
                         if want != have:
                             bad(j, f"crc32c mismatch in file {path} (stored {want:08x}, computed {have:08x}): "
                                    "the file is damaged")
@@ -411,7 +408,6 @@ class ShardedRows:
     def _read_compressed(self, fd: int, off: int, nbytes: int, out: np.ndarray, path: Path) -> str | None:
         """One zstd row (and its crc32c) at `off` decoded into `out` (uint8 view of the row);
         what is wrong with it, or None."""
-        import google_crc32c
         from numcodecs import Zstd
 
         buf = np.empty(nbytes, dtype=np.uint8)
@@ -420,7 +416,7 @@ class ShardedRows:
         frame = buf[:-4] if self.crc else buf
         if self.crc and self.checks:
             want = int.from_bytes(buf[-4:].tobytes(), "little")
-            have = google_crc32c.value(frame)
+            have = crc32c(frame)
             if want != have:
                 return f"crc32c mismatch in file {path} (stored {want:08x}, computed {have:08x}): the file is damaged"
         try:
