@@ -19,7 +19,15 @@ from irepa.pipeline.config import OptionError, check_fields, option, resolve, to
 from irepa.pipeline.defaults import SD_VAE_SCALE
 
 __all__ = ["TrainConfig", "SampleConfig", "EvalConfig", "ExportVaeConfig", "ALIGN_FIELDS", "resolve_train", "objective_fields", "train_to_json",
-           "require_extras"]
+           "require_extras", "model_size"]
+
+def model_size(model_name: str) -> str:
+    """The size of a model name (``SiT-XL/2`` -> ``XL``, ``JiT-B/16`` -> ``B``; empty when there is none)."""
+    try:
+        return model_name.split("-", 1)[1].split("/", 1)[0]
+    except IndexError:
+        return ""
+
 
 ALIGN_PRESETS = ("irepa", "repa", "irepa-official-ldm", "irepa-official-jit", "none")
 #: TrainConfig field -> AlignConfig field, for the alignment preset's values

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from irepa.trainer.config import model_size
 from irepa.trainer.models import TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 __all__ = ["JIT_CONFIGS", "JiT", "build_jit", "RMSNorm", "rope_tables", "apply_rope", "DEFAULT_ENCODER_DEPTH",
@@ -388,10 +389,6 @@ class JiT(nn.Module):
 # --------------------------------------------------------------------------------------
 # Builder
 # --------------------------------------------------------------------------------------
-def _size_of(name: str) -> str:
-    return name.split("-", 1)[1].split("/", 1)[0]
-
-
 _OVERRIDES = {"hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "bottleneck_dim", "in_context_len",
               "in_context_start"}
 
@@ -426,7 +423,7 @@ def build_jit(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = {**JIT_CONFIGS[name], **overrides}
     if encoder_depth is None:
-        encoder_depth = min(DEFAULT_ENCODER_DEPTH[_size_of(name)], cfg["depth"])
+        encoder_depth = min(DEFAULT_ENCODER_DEPTH[model_size(name)], cfg["depth"])
     model = JiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, encoder_depth=encoder_depth,
                 z_dims=tuple(z_dims), projector=projector, projector_kernel=projector_kernel,
                 projector_dim=projector_dim, attn_drop=attn_drop, proj_drop=proj_drop, attn=attn, **cfg)

@@ -51,8 +51,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from irepa.trainer.config import model_size
+
 __all__ = [
     "SIT_CONFIGS",
+    "default_encoder_depth",
     "SiT",
     "build_sit",
     "sit_param_count",
@@ -484,8 +487,9 @@ class SiT(nn.Module):
 # --------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------
-def _size_of(name: str) -> str:
-    return name.split("-", 1)[1].split("/", 1)[0]
+def default_encoder_depth(name: str, depth: int) -> int:
+    """REPA's alignment depth for SiT ``name`` (4 for S/B, 8 for L/XL), capped at ``depth``."""
+    return min(DEFAULT_ENCODER_DEPTH[model_size(name)], int(depth))
 
 
 def build_sit(
@@ -520,7 +524,7 @@ def build_sit(
         raise TypeError(f"build_sit got unexpected overrides {sorted(bad)}; allowed: {sorted(allowed)}")
     cfg = {**SIT_CONFIGS[name], **overrides}
     if encoder_depth is None:
-        encoder_depth = min(DEFAULT_ENCODER_DEPTH[_size_of(name)], cfg["depth"])
+        encoder_depth = default_encoder_depth(name, cfg["depth"])
     model = SiT(
         input_size=input_size,
         in_channels=in_channels,

@@ -57,7 +57,7 @@ import torch.nn as nn
 from irepa.trainer.align import alignment_terms
 from irepa.trainer.objectives import register
 from irepa.trainer.objectives.base import DataSpec, Objective, Phase
-from irepa.trainer.objectives.options import (GUIDANCE_PRESETS, TIME_DISTS, GuidancePreset, model_size,
+from irepa.trainer.objectives.options import (GUIDANCE_PRESETS, TIME_DISTS, GuidancePreset,
                                                  MeanFlowOptions, resolve_options)
 
 __all__ = ["GUIDANCE_PRESETS", "GuidancePreset", "MeanFlowOptions", "resolve_options", "MeanFlowLoss",
@@ -337,7 +337,7 @@ class MeanFlow(Objective):
     def model_config(self) -> dict:
         """The flow SiT's config (:func:`sit_model_config`) conditioned on two times, with the
         alignment depth resolved (REPA's default: 4 for S/B, 8 for L/XL, capped at the depth)."""
-        from irepa.trainer.models import DEFAULT_ENCODER_DEPTH, SIT_CONFIGS
+        from irepa.trainer.models import SIT_CONFIGS, default_encoder_depth
         from irepa.trainer.objectives.flow import sit_model_config
 
         cfg = self.cfg
@@ -347,7 +347,7 @@ class MeanFlow(Objective):
         mc = sit_model_config(cfg, self.data, self.align_config, c2 // 2, (h, w), time_conditions=["t", "t-r"])
         if mc["encoder_depth"] is None:
             depth = int(mc.get("depth", SIT_CONFIGS[cfg.model]["depth"]))
-            mc["encoder_depth"] = min(DEFAULT_ENCODER_DEPTH[model_size(cfg.model)], depth)
+            mc["encoder_depth"] = default_encoder_depth(cfg.model, depth)
         return mc
 
     def build_model(self, config: dict) -> nn.Module:

@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass, field
 
 from irepa.pipeline.config import option
+from irepa.trainer.config import model_size
 
 __all__ = ["FlowOptions", "JiTOptions", "MeanFlowOptions", "RepaeOptions", "BUILTIN_OPTIONS", "PATHS",
            "TIME_SAMPLERS", "JIT_SAMPLERS", "TIME_DISTS", "GuidancePreset", "GUIDANCE_PRESETS", "AUTO_PRESET",
-           "resolve_options", "model_size", "BN_INITS"]
+           "resolve_options", "BN_INITS"]
 
 #: flow-matching interpolants and time draws (``irepa.trainer.loss`` implements them)
 PATHS = ("linear", "cosine")
@@ -167,14 +168,6 @@ class MeanFlowOptions:
         lo, hi = self.mf_cfg_t_min, self.mf_cfg_t_max
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"--mf-cfg-t-min {lo} > --mf-cfg-t-max {hi}")
-
-
-def model_size(model_name: str) -> str:
-    """The size letter of a SiT name (`SiT-XL/2` -> `XL`; empty when there is none)."""
-    try:
-        return model_name.split("-", 1)[1].split("/", 1)[0]
-    except IndexError:
-        return ""
 
 
 def resolve_options(opts: MeanFlowOptions | None, model_name: str) -> MeanFlowOptions:
