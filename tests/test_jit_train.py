@@ -3,12 +3,7 @@ straight from pixels, exact resume, 2 processes == 1 process, --online == cached
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,25 +15,13 @@ from irepa.stores.testing import make_synthetic_store
 from irepa.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from irepa.trainer.cli import sample as sample_cli
 from irepa.trainer.cli import train
+from train_helpers import metrics, one_thread, torchrun_2ranks  # noqa: F401 (one_thread: autouse fixture)
 
 #: a tiny JiT: 16 px images, patch 4 (a 4x4 grid), 3 in-context tokens from block 1
 TINY = dict(objective="jit", model="JiT-B/16", hidden_size=32, depth=4, num_heads=2, patch_size=4, bottleneck_dim=8,
             in_context_len=3, in_context_start=1, projector_dim=16)
 RUN = dict(batch_size=8, steps=4, log_every=1, ckpt_every=0, sample_every=0, num_workers=0, progress=False,
            device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the 2 cores are shared with the DDP tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def learnable_pixel_store(path, n: int = 4, size: int = 16, d: int = 24, seed: int = 3) -> torch.Tensor:
@@ -134,22 +117,13 @@ def test_jit_resume_matches_unbroken_run(tmp_path, fmt):
     assert ca["data_state"] == cb["data_state"]
 
 
-def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
-
-
 def test_jit_two_processes_match_one_process(tmp_path, flip_store):
     common = {**TINY, **RUN, "steps": 3, "lr": 1e-3}
     train(cache=str(flip_store), out=str(tmp_path / "one"), grad_accum=2, **common)  # micro 4, like 2 ranks x 4
     flags = ["--cache", str(flip_store), "--out", str(tmp_path / "two")]
     for k, v in common.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
-    _torchrun(["-m", "irepa.trainer"] + flags, tmp_path)
+    torchrun_2ranks(["-m", "irepa.trainer"] + flags, tmp_path)
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from irepa.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_c
 from irepa.trainer.cli import main as train_main  # noqa: E402
 from irepa.trainer.cli import sample as sample_cli  # noqa: E402
 from irepa.trainer.cli import train  # noqa: E402
+from train_helpers import metrics, one_thread, torchrun_2ranks  # noqa: E402, F401 (one_thread: autouse fixture)
 
 #: a tiny REPA-E run: a SiT of 2 blocks aligned after block 1, the tiny VAE (32 px -> 4x4 latents, a
 #: 2x2 token grid with patch 2), a random LPIPS trunk, a small discriminator
@@ -41,19 +40,6 @@ RUN = dict(batch_size=8, steps=4, log_every=1, ckpt_every=0, sample_every=0, num
 LOGGED = ("loss", "l1", "lpips", "kl", "gan_g", "align_loss", "cosine", "grad_norm",
           "discriminator/loss", "discriminator/logits_real", "discriminator/logits_fake", "discriminator/grad_norm",
           "sit/loss", "sit/mse", "sit/align_loss", "sit/cosine", "sit/grad_norm")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the 2 cores are shared with the DDP tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def repae(**flags) -> dict:
@@ -181,15 +167,6 @@ def test_resume_matches_unbroken_run(tmp_path, store):
 # ----------------------------------------------------------------------------- DDP
 
 
-def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the installed package (irepa.*), any cwd
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
-
-
 def test_two_process_torchrun_matches_one_process(tmp_path, store):
     """2 gloo ranks x 4 images == 1 process x 8 images: the same global batch in one micro-batch
     (batch statistics are per micro-batch, so ``--grad-accum`` would change them), the latent BN
@@ -216,7 +193,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, store):
     flags = ["--cache", str(store), "--out", str(two)]
     for k, v in {**TINY, **RUN, **common}.items():
         flags += [f"--{k.replace('_', '-')}", str(v[0] if isinstance(v, list) else v)]
-    _torchrun(["-m", "irepa.trainer"] + flags, tmp_path)
+    torchrun_2ranks(["-m", "irepa.trainer"] + flags, tmp_path)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):

@@ -20,6 +20,7 @@ from irepa.trainer.models import build_sit
 from irepa.trainer.sample import sample
 from irepa.trainer.store_checks import StoreMismatchError
 from irepa.trainer.train import TrainConfig, run
+from train_helpers import learnable_store, metrics, one_thread, torchrun_2ranks  # noqa: F401 (one_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(model="SiT-S/2", hidden_size=32, depth=2, num_heads=2, projector_dim=32)
@@ -30,41 +31,6 @@ def cfg(**kw) -> TrainConfig:
                 progress=False, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def learnable_store(path, n=8, c=4, hw=(4, 4), d=16, std=0.01, seed=0) -> np.ndarray:
-    """A store whose features are a fixed linear map of each token's latent patch (alignable)."""
-    rng = np.random.default_rng(seed)
-    gh, gw = hw[0] // 2, hw[1] // 2
-    layout = StoreLayout(num_rows=n, shard_size=n, latent_channels2=2 * c, latent_hw=hw,
-                         encoders={"enc": (gh * gw, d)})
-    mean = rng.normal(0, 1, (n, c, *hw)).astype(np.float32)
-    patches = mean.reshape(n, c, gh, 2, gw, 2).transpose(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * 4)
-    feats = (patches @ rng.normal(0, 1, (c * 4, d))).astype(np.float32)
-    info = {"dataset": {"source": "test", "num_classes": 4, "class_names": list("abcd")},
-            "image": {"resolution": 8 * hw[0], "crop": "adm"},
-            "vae": {"id": "tiny", "latent_channels": c, "scaling_factor": 0.18215, "shift_factor": 0.0},
-            "encoders": {"enc": {"timm_id": "test", "weights_sha256": None, "token_grid": [gh, gw],
-                                 "input_size": 16 * gh}},
-            "build_args": {}}
-    w = StoreWriter.open(path, "zarr", layout, [f"k{i}" for i in range(n)], np.arange(n) % 4, info,
-                         resume=False, overwrite=True)
-    w.write_shard(0, {"latents": np.concatenate([mean, np.full_like(mean, std)], 1), "features/enc": feats}, [])
-    w.finalize()
-    return mean
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the 2 cores are shared with the DDP tests)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +115,6 @@ def test_checkpoint_is_pickle_free_and_refuses_other_files(tmp_path, store):
 # ----------------------------------------------------------------------------- DDP
 
 
-def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # the installed package (irepa.*), any cwd
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
-
-
 def test_two_process_ddp_matches_one_process(tmp_path, store):
     one = tmp_path / "one"
     run(cfg(cache=str(store), steps=3, grad_accum=2, out=str(one)))  # micro 4, like 2 ranks x 4
@@ -166,7 +123,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, store):
              "--projector-dim", "32", "--batch-size", "8", "--steps", "3", "--lr", "1e-3", "--log-every", "1",
              "--ckpt-every", "0", "--sample-every", "0", "--num-workers", "0", "--progress", "False",
              "--device", "cpu", "--out", str(two)]
-    _torchrun(["-m", "irepa.trainer"] + flags, tmp_path)
+    torchrun_2ranks(["-m", "irepa.trainer"] + flags, tmp_path)
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
@@ -242,7 +199,7 @@ def test_irepa_sample_writes_adm_npz_and_shards_across_ranks(tmp_path, store):
         flags += [f"--{k.replace('_', '-')}", str(v)]
     script = tmp_path / "irepa_sample.py"
     script.write_text("from irepa.trainer.cli import sample_main\nsample_main()\n")
-    _torchrun([str(script)] + flags, tmp_path)
+    torchrun_2ranks([str(script)] + flags, tmp_path)
     with np.load(tmp_path / "two" / "samples.npz", allow_pickle=False) as f:
         assert np.array_equal(f["arr_0"], arr)
     assert not list((tmp_path / "two").glob(".part-*"))
