@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -64,6 +65,32 @@ def setup(args: argparse.Namespace) -> torch.device:
     print(f"# {machine_line(dev)}")
     print(f"# command: {' '.join([os.path.basename(sys.executable), '-m', _module_name()] + sys.argv[1:])}")
     return dev
+
+
+@dataclasses.dataclass
+class StepSizes:
+    """What a step benchmark runs: the size table's row and the flags applied to it."""
+
+    name: str            # smoke | real | cpu
+    table: dict          # the row of the benchmark's SIZES (a copy)
+    batch: int           # --batch, else the row's
+    models: list         # [(model name, overrides)]: --models picks from the row's (unknown ones: no overrides)
+    encoders: list[str]  # --encoders, else the row's
+    precision: str       # "bf16 autocast" on CUDA with --precision bf16, else "fp32"
+
+
+def step_sizes(args: argparse.Namespace, dev: torch.device, sizes: dict[str, dict]) -> StepSizes:
+    """Pick ``sizes["smoke" | "real" | "cpu"]`` from ``--smoke`` / ``--real`` and apply
+    ``--batch``, ``--models``, ``--encoders`` and ``--precision`` (the step benchmarks' common start)."""
+    name = "smoke" if args.smoke else ("real" if args.real else "cpu")
+    table = dict(sizes[name])
+    models = table["models"]
+    if args.models:
+        want = [m.strip() for m in args.models.split(",")]
+        models = [(m, dict(next((o for n, o in models if n == m), {}))) for m in want]
+    encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else table["encoders"]
+    precision = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
+    return StepSizes(name, table, args.batch or table["batch"], models, encoders, precision)
 
 
 def _module_name() -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from bench.common import (add_common_args, count_flops, fmt_bytes, fmt_s, peak_memory, print_ratios, print_table,
-                          sample_images, setup, time_interleaved, write_json)
+                          sample_images, setup, step_sizes, time_interleaved, write_json)
 
 SIZES = {
     "smoke": dict(models=[("JiT-B/16", dict(hidden_size=32, depth=2, num_heads=2, bottleneck_dim=8,
@@ -248,15 +248,9 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dev = setup(args)
-    size_name = "smoke" if args.smoke else ("real" if args.real else "cpu")
-    size = dict(SIZES[size_name])
-    batch = args.batch or size["batch"]
-    models = size["models"]
-    if args.models:
-        want = [m.strip() for m in args.models.split(",")]
-        models = [(m, dict(next((o for n, o in models if n == m), {}))) for m in want]
-    encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else size["encoders"]
-    prec = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
+    sizes = step_sizes(args, dev, SIZES)
+    size_name, size, batch, models, encoders, prec = (sizes.name, sizes.table, sizes.batch, sizes.models,
+                                                      sizes.encoders, sizes.precision)
     print(f"# sizes: {size_name}; {size['resolution']} px, batch {batch}, align {args.align}, {prec}; "
           f"median of {args.repeats} interleaved steps after {args.warmup} warm-up")
     work = Path(tempfile.mkdtemp(prefix="irepa-bench-jit-"))

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from bench.common import (SD_VAE_CONFIG, add_common_args, count_flops, fmt_bytes, fmt_s, peak_memory, print_ratios,
-                          print_table, sample_images, setup, time_interleaved, write_json)
+                          print_table, sample_images, setup, step_sizes, time_interleaved, write_json)
 from bench.jit_step import cached_batch, imagenet_like_jpegs
 
 SIZES = {
@@ -259,16 +259,10 @@ def release_flops(enc_dim: int = 768) -> dict[str, int]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dev = setup(args)
-    size_name = "smoke" if args.smoke else ("real" if args.real else "cpu")
-    size = dict(SIZES[size_name])
-    batch = args.batch or size["batch"]
+    sizes = step_sizes(args, dev, SIZES)
+    size_name, size, batch, models, encoders, prec = (sizes.name, sizes.table, sizes.batch, sizes.models,
+                                                      sizes.encoders, sizes.precision)
     R = args.resolution or size["resolution"]
-    models = size["models"]
-    if args.models:
-        want = [m.strip() for m in args.models.split(",")]
-        models = [(m, dict(next((o for n, o in models if n == m), {}))) for m in want]
-    encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else size["encoders"]
-    prec = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
     vae_name = "SD-VAE config" if size["vae"] == "sd" else "tiny VAE"
     print(f"# sizes: {size_name}; {R} px, batch {batch}, align {args.align}, {vae_name}, LPIPS VGG, PatchGAN 3x64, "
           f"{prec}; median of {args.repeats} interleaved steps after {args.warmup} warm-up")

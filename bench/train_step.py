@@ -45,7 +45,7 @@ import torch
 from irepa.pipeline.defaults import SD_VAE_SCALE
 
 from bench.common import (add_common_args, count_flops, fmt_bytes, fmt_s, make_vae, peak_memory, print_ratios,
-                          print_table, sample_images, setup, time_interleaved, write_json)
+                          print_table, sample_images, setup, step_sizes, time_interleaved, write_json)
 
 SIZES = {
     # models [(name, overrides)], resolution, batch, vae kind, encoders, encoder config
@@ -436,15 +436,9 @@ def vae_only_one(vae, img, dev):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     dev = setup(args)
-    size_name = "smoke" if args.smoke else ("real" if args.real else "cpu")
-    size = dict(SIZES[size_name])
-    batch = args.batch or size["batch"]
-    models = size["models"]
-    if args.models:
-        want = [m.strip() for m in args.models.split(",")]
-        models = [(m, dict(next((o for n, o in models if n == m), {}))) for m in want]
-    encoders = [e.strip() for e in args.encoders.split(",")] if args.encoders else size["encoders"]
-    prec = "bf16 autocast" if dev.type == "cuda" and args.precision == "bf16" else "fp32"
+    sizes = step_sizes(args, dev, SIZES)
+    size_name, size, batch, models, encoders, prec = (sizes.name, sizes.table, sizes.batch, sizes.models,
+                                                      sizes.encoders, sizes.precision)
     print(f"# sizes: {size_name}; {size['resolution']} px, batch {batch}, VAE {size['vae']}, align {args.align}, "
           f"{prec}; median of {args.repeats} interleaved steps after {args.warmup} warm-up")
     vae = None if args.meanflow_only else make_vae(size["vae"]).eval().to(dev)
