@@ -87,12 +87,13 @@ def plain_read(files: list[Path]) -> tuple[float, int]:
 
 
 def loader_read(path: Path, workers: int, batch: int, samples: int, enc: str,
-                checks: bool = True) -> tuple[float, int]:
+                checks: bool = True, inputs: tuple[str, ...] = ("latents",)) -> tuple[float, int]:
     """Seconds from creating the loader to holding ``samples`` samples (one epoch of the store).
 
     Worker start-up and the webdataset shuffle-buffer fill (the trainer's default 1000 samples)
     are included: timing only after the first batch would leave out most of the reading, which
-    happens while the buffer fills. ``checks=False`` turns the reader's checksums off.
+    happens while the buffer fills. ``checks=False`` turns the reader's checksums off; ``inputs``
+    is what the objective reads beside the features (``("pixels",)`` for JiT / REPA-E).
     """
     from irepa.stores import open_store
     from irepa.trainer.data import LoaderSpec, StoreLoader
@@ -104,12 +105,11 @@ def loader_read(path: Path, workers: int, batch: int, samples: int, enc: str,
     t0 = time.perf_counter()
     loader = StoreLoader(path, kind=kind, num_samples=len(reader), spec=LoaderSpec(global_batch=batch, seed=0),
                          encoders=[enc], steps=n_batches, num_workers=workers, shard_counts=counts,
-                         read_checks=checks)
+                         read_checks=checks, inputs=inputs)
     it = iter(loader)
     got = 0
     for _ in range(n_batches):
-        b = next(it)
-        got += int(b["latents"].shape[0])
+        got += int(next(it)[inputs[0]].shape[0])
     dt = time.perf_counter() - t0
     del it
     return dt, got

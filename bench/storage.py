@@ -296,37 +296,12 @@ def write_pixel_store(path: Path, fmt: str, codec: str, crops: list[np.ndarray],
     return path
 
 
-def pixel_loader_read(path: Path, workers: int, batch: int, samples: int) -> tuple[float, int]:
-    """Seconds from creating the trainer's loader (pixels + features, as --objective jit reads) to
-    holding ``samples`` samples (one epoch), worker start-up included."""
-    import time
-
-    from irepa.stores import open_store
-    from irepa.trainer.data import LoaderSpec, StoreLoader
-
-    reader = open_store(path)
-    n_batches = max(1, samples // batch)
-    kind = reader.loader_kind
-    counts = reader.shard_sample_counts() if kind == "stream" else None
-    t0 = time.perf_counter()
-    loader = StoreLoader(path, kind=kind, num_samples=len(reader), spec=LoaderSpec(global_batch=batch, seed=0),
-                         encoders=["enc"], steps=n_batches, num_workers=workers, shard_counts=counts,
-                         inputs=("pixels",))
-    it = iter(loader)
-    got = 0
-    for _ in range(n_batches):
-        got += int(next(it)["pixels"].shape[0])
-    dt = time.perf_counter() - t0
-    del it
-    return dt, got
-
-
 def pixel_bench(args, work: Path) -> tuple[dict, list]:
     """Bytes and loader speed of the pixel codecs (see the module docstring); the records and ratios."""
     import statistics
 
     from bench.jit_step import jit_demand
-    from bench.loader import drop_cache, plain_read, store_files
+    from bench.loader import drop_cache, loader_read, plain_read, store_files
     from irepa.stores import array_bytes
 
     R, N, dim, batch, shard = args.pixel_resolution, args.pixel_samples, 768, 32, 64
@@ -347,7 +322,7 @@ def pixel_bench(args, work: Path) -> tuple[dict, list]:
                 times = []
                 for _ in range(max(1, args.repeats)):
                     drop_cache(files) if cache == "cold" else plain_read(files)
-                    dt, got = pixel_loader_read(p, w, batch, N)
+                    dt, got = loader_read(p, w, batch, N, "enc", inputs=("pixels",))
                     times.append(dt)
                 dt = statistics.median(times)
                 records.append(dict(format=fmt, codec=codec, cache=cache, workers=w, samples=got, seconds=dt,
