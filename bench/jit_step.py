@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,11 +160,27 @@ def cached_batch(work: Path, R: int, batch: int, enc_dim: int) -> dict:
     return next(iter(loader))
 
 
+def pixel_step_inputs(work: Path, R: int, batch: int, enc: torch.nn.Module, enc_name: str,
+                      dev: torch.device) -> tuple[dict, torch.Tensor, Any, list[bytes]]:
+    """What a pixel objective's cached and online steps start from: the cached batch (pinned on
+    CUDA), the same-size images for the online encoder, the online source, and ``batch``
+    ImageNet-like JPEGs (the decode the online path also pays)."""
+    from irepa.trainer.online import OnlineSource
+
+    host = cached_batch(work, R, batch, enc.dim)
+    images = sample_images(R, batch)
+    if dev.type == "cuda":
+        host = {"pixels": host["pixels"].pin_memory(), "label": host["label"].pin_memory(),
+                "features": {k: v.pin_memory() for k, v in host["features"].items()}}
+        images = images.pin_memory()
+    online = OnlineSource(None, np.arange(batch), R, None, {enc_name: enc}, 1000, dev, None, False, ("pixels",))
+    return host, images, online, imagenet_like_jpegs(batch)
+
+
 def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch: int, dev: torch.device, args,
               work: Path) -> dict:
     from irepa.pipeline.encoders import load_encoder
     from irepa.pipeline.transforms import decode_and_crop
-    from irepa.trainer.online import OnlineSource
     from irepa.trainer.train import update_ema
 
     R = size["resolution"]
@@ -180,16 +197,8 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
     # one model for both: the plain step leaves the projector out (its parameters get no gradient)
     steps = {"aligned": aligned.phases(model, {})[0].module, "plain": plain.phases(model, {})[0].module}
 
-    host = cached_batch(work, R, batch, enc.dim)
-    images = sample_images(R, batch)
-    labels = host["label"]
-    if dev.type == "cuda":
-        host = {"pixels": host["pixels"].pin_memory(), "label": labels.pin_memory(),
-                "features": {k: v.pin_memory() for k, v in host["features"].items()}}
-        images = images.pin_memory()
-    online = OnlineSource(None, np.arange(batch), R, None, {enc_name: enc}, 1000, dev, None, False, ("pixels",))
-    nb = dev.type == "cuda"
-    jpegs = imagenet_like_jpegs(batch)
+    host, images, online, jpegs = pixel_step_inputs(work, R, batch, enc, enc_name, dev)
+    labels, nb = host["label"], dev.type == "cuda"
 
     def from_cache(with_features: bool) -> dict:
         return {"pixels": host["pixels"].to(dev, non_blocking=nb),

@@ -41,7 +41,7 @@ import torch
 
 from bench.common import (SD_VAE_CONFIG, add_common_args, count_flops, fmt_bytes, fmt_s, peak_memory, print_ratios,
                           print_table, sample_images, setup, step_sizes, time_interleaved, write_json)
-from bench.jit_step import cached_batch, imagenet_like_jpegs
+from bench.jit_step import pixel_step_inputs
 
 SIZES = {
     "smoke": dict(models=[("SiT-B/2", dict(hidden_size=32, depth=2, num_heads=2, encoder_depth=1, projector_dim=64))],
@@ -149,7 +149,6 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
               args, work: Path) -> dict:
     from irepa.pipeline.encoders import load_encoder
     from irepa.pipeline.transforms import decode_and_crop
-    from irepa.trainer.online import OnlineSource
     from irepa.trainer.repae_parts import build_lpips
     from irepa.trainer.train import update_ema
 
@@ -167,16 +166,8 @@ def run_combo(model_name: str, overrides: dict, enc_name: str, size: dict, batch
     phases = obj.phases(model, extra)
     opts = {p.name: torch.optim.AdamW(p.params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0) for p in phases}
 
-    host = cached_batch(work, R, batch, enc.dim)
-    images = sample_images(R, batch)
-    labels = host["label"]
-    if dev.type == "cuda":
-        host = {"pixels": host["pixels"].pin_memory(), "label": labels.pin_memory(),
-                "features": {k: v.pin_memory() for k, v in host["features"].items()}}
-        images = images.pin_memory()
-    online = OnlineSource(None, np.arange(batch), R, None, {enc_name: enc}, 1000, dev, None, False, ("pixels",))
-    nb = dev.type == "cuda"
-    jpegs = imagenet_like_jpegs(batch)
+    host, images, online, jpegs = pixel_step_inputs(work, R, batch, enc, enc_name, dev)
+    labels, nb = host["label"], dev.type == "cuda"
 
     def from_cache() -> dict:
         return {"pixels": host["pixels"].to(dev, non_blocking=nb), "features": [host["features"]["enc"].to(
