@@ -20,26 +20,15 @@ import pytest
 import torch
 
 from irepa.trainer.align import resolve_align
+from irepa.trainer.config import TrainConfig
 from irepa.trainer.data import LatentNorm
 from irepa.trainer.models import build_sit, load_reference_state_dict, sit_param_count
 from irepa.trainer.objectives import DataSpec, get_objective, objective_names
 from irepa.trainer.objectives.meanflow import (GUIDANCE_PRESETS, MeanFlow, MeanFlowLoss, MeanFlowOptions,
                                                math_attention, meanflow_sample, resolve_options)
-
-try:  # the train config moves to irepa.trainer.config with the objective seam
-    from irepa.trainer.config import TrainConfig  # type: ignore
-except ImportError:  # pragma: no cover - before the move
-    from irepa.trainer.train import TrainConfig
+from train_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(model="SiT-S/2", hidden_size=32, depth=2, num_heads=2, projector_dim=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randomize(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
