@@ -436,38 +436,44 @@ def check_fields(obj: Any) -> None:
         object.__setattr__(obj, f.name, v)
 
 
+def json_value(v: Any) -> Any:
+    """An option value as JSON holds it (tuples become lists, paths strings)."""
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: json_value(x) for k, x in v.items()}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
 def to_json(obj: Any) -> dict[str, Any]:
     """A config dataclass as a JSON-able dict (tuples become lists)."""
-    def conv(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, Path):
-            return str(v)
-        return v
-    return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return {f.name: json_value(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
 # ----------------------------------------------------------------------------- help
+
+
+def value_text(v: Any) -> str:
+    """An option value as a command line spells it (true/false, comma lists, none)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v) or "none"
+    return str(v)
 
 
 def _default_text(f: dataclasses.Field) -> str:
     if f.metadata.get("shown"):
         return str(f.metadata["shown"])
     if f.default is not MISSING:
-        d = f.default
-    elif f.default_factory is not MISSING:  # type: ignore[misc]
-        d = f.default_factory()  # type: ignore[misc]
-    else:
-        return "required"
-    if d is None:
-        return "none"
-    if isinstance(d, bool):
-        return "true" if d else "false"
-    if isinstance(d, (list, tuple)):
-        return ",".join(str(x) for x in d) or "none"
-    return str(d)
+        return value_text(f.default)
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return value_text(f.default_factory())  # type: ignore[misc]
+    return "required"
 
 
 def format_help(cls: type, prog: str, summary: str, sections: Mapping[str, type] | None = None) -> str:

@@ -39,7 +39,7 @@ def _resolved_help(command: str, parsed: ParsedArgs) -> str:
     objective's or alignment preset's own learning rate, betas, EMA, ...)."""
     import dataclasses
 
-    from irepa.pipeline.config import flag_name, to_json
+    from irepa.pipeline.config import flag_name, json_value, to_json, value_text
     from irepa.trainer.config import resolve_train
 
     if not parsed.values and parsed.config is None:
@@ -55,26 +55,12 @@ def _resolved_help(command: str, parsed: ParsedArgs) -> str:
         for f in dataclasses.fields(obj):
             if f.default is dataclasses.MISSING or f.metadata.get("hidden") or f.name in parsed.values:
                 continue
-            default = f.default
-            if values[f.name] != to_json_value(default):
-                lines.append(f"  {flag_name(f.name)} {_show(values[f.name])}")
-    given = " ".join(f"{flag_name(k)} {_show(v)}" for k, v in parsed.values.items())
+            if values[f.name] != json_value(f.default):
+                lines.append(f"  {flag_name(f.name)} {value_text(values[f.name])}")
+    given = " ".join(f"{flag_name(k)} {value_text(v)}" for k, v in parsed.values.items())
     given += f" --config {parsed.config}" if parsed.config else ""
     head = f"\nresolved with {given.strip()} (presets applied), these differ from the defaults above:\n"
     return head + ("\n".join(lines) if lines else "  (none)") + "\n"
-
-
-def to_json_value(v: Any) -> Any:
-    """A default as :func:`~irepa.pipeline.config.to_json` writes a value (tuples as lists)."""
-    return [to_json_value(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return "none" if v is None else str(v)
 
 
 def _train(parsed: ParsedArgs) -> None:
