@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from irepa.trainer.config import model_size
-from irepa.trainer.models import TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from irepa.trainer.models import TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 __all__ = ["JIT_CONFIGS", "JiT", "build_jit", "RMSNorm", "rope_tables", "apply_rope", "DEFAULT_ENCODER_DEPTH",
            "jit_grid"]
@@ -327,14 +327,7 @@ class JiT(nn.Module):
     def initialize_weights(self) -> None:
         """The official init: xavier Linear and patch convs, N(0, 0.02) tables and in-context
         embedding, zero adaLN and output layers."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         for w in (self.x_embedder.proj1.weight, self.x_embedder.proj2.weight):
             nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
@@ -351,10 +344,7 @@ class JiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, p*p*C] -> [B, C, H, W]."""
-        p, c = self.patch_size, self.out_channels
-        gh, gw = self.grid_size
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.shape[1:] != (self.in_channels, *self.input_size):

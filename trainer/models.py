@@ -194,6 +194,28 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int]) ->
     return np.concatenate([emb_a, emb_b], axis=1)
 
 
+def xavier_init_linears(module: nn.Module) -> None:
+    """DiT's base init of every ``nn.Linear`` under ``module`` (in ``Module.apply`` order, so the
+    random draws are DiT's): xavier-uniform weight, zero bias."""
+
+    def init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    module.apply(init)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [B, gh * gw, p * p * C] (values ordered row in patch, column, channel) ->
+    images [B, C, gh * p, gw * p]."""
+    p, (gh, gw) = patch_size, grid
+    x = x.reshape(x.shape[0], gh, gw, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, gh * p, gw * p)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -397,14 +419,7 @@ class SiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT/REPA init: xavier Linear, zero adaLN and output layers, N(0, 0.02) tables."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -425,11 +440,7 @@ class SiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, p*p*C] -> [B, C, H, W]."""
-        p, c = self.patch_size, self.out_channels
-        gh, gw = self.grid_size
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)
 
     def forward(
         self,
