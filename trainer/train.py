@@ -250,10 +250,20 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                 for msg in batch.get("damaged") or []:
                     damaged += 1
                     log(f"skipped a damaged sample (--skip-damaged): {msg}")
+                n = len(batch["label"])  # mb, or fewer when --skip-damaged left samples out
+                if n == 0 and cfg.skip_damaged:
+                    raise ValueError(f"--skip-damaged: every sample of a micro-batch of {mb} in {data.where} "
+                                     "failed its checksum; too much of the store is damaged to train on: run "
+                                     f"irepa-cache verify {data.where}, then build --repair")
+                if n != mb and not (cfg.skip_damaged and 0 < n < mb):
+                    raise RuntimeError(f"loader gave {n} samples, expected {mb}")
             carries: list[dict] = [{"step": step} for _ in micro]  # shared by the phases of a micro-batch
+            # this rank's rows of the step's draws, drawn once; micro-batch k takes its rows (cut to
+            # the samples it holds when --skip-damaged left some out)
             first = d.rank * spec.rank_batch
-            draws = [draw_rows(objective, cfg.seed, step, first + k * mb, first + (k + 1) * mb, d.device)
-                     for k in range(cfg.grad_accum)]
+            rank_draws = draw_rows(objective, cfg.seed, step, first, first + spec.rank_batch, d.device)
+            draws = [{key: v[k * mb:k * mb + len(batch["label"])] for key, v in rank_draws.items()}
+                     for k, batch in enumerate(micro)]
             lr_now = lr * min(1.0, step / warmup) if warmup > 0 else lr
             for phase in phases:
                 if step % phase.every:
@@ -263,16 +273,9 @@ def _run(cfg: TrainConfig, opts: Any, d: distributed.Dist, online_models: dict |
                     group["lr"] = lr_now
                 opt.zero_grad(set_to_none=True)
                 for k, batch in enumerate(micro):
-                    n = len(batch["label"])  # mb, or fewer when --skip-damaged left samples out
-                    if n == 0 and cfg.skip_damaged:
-                        raise ValueError(f"--skip-damaged: every sample of a micro-batch of {mb} in {data.where} "
-                                         "failed its checksum; too much of the store is damaged to train on: run "
-                                         f"irepa-cache verify {data.where}, then build --repair")
-                    if n != mb and not (cfg.skip_damaged and 0 < n < mb):
-                        raise RuntimeError(f"loader gave {n} samples, expected {mb}")
                     sync = k == cfg.grad_accum - 1 or not d.enabled
                     with contextlib.nullcontext() if sync else runner.no_sync():
-                        res = runner(batch, {key: v[:n] for key, v in draws[k].items()}, carries[k])
+                        res = runner(batch, draws[k], carries[k])
                         (res["loss"] / cfg.grad_accum).backward()
                     _accumulate(window, phase.name, res, cfg.grad_accum, phases[0].name, counts, k == 0)
                 clip = cfg.grad_clip if phase.grad_clip is None else phase.grad_clip
