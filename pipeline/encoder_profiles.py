@@ -23,7 +23,7 @@ says so in ``notes``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -210,9 +210,6 @@ class Profile:
         d = asdict(self)
         d["mean"], d["std"], d["notes"] = list(self.mean), list(self.std), list(self.notes)
         return d
-
-    def with_(self, **kw: Any) -> "Profile":
-        return replace(self, **kw)
 
 
 def _check_images(images: torch.Tensor, resolution: int, who: str) -> None:

@@ -136,6 +136,14 @@ def atomic_open(path: str | os.PathLike, tmp: Path | None = None,
         fsync_dir(path.parent)
 
 
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
+    """``numpy.savez`` written atomically (temporary name, fsync, rename, fsync the directory)."""
+    import numpy as np
+
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write bytes under a temporary name, fsync, rename over `path`, fsync the directory."""
     with atomic_open(path) as f:

@@ -43,7 +43,7 @@ import torch
 
 from irepa.pipeline import dist as distributed
 from irepa.pipeline.dist import Dist, comm_device, current
-from irepa.stores.manifest import atomic_open, atomic_write_bytes
+from irepa.stores.manifest import atomic_savez, atomic_write_bytes
 
 from .eval_images import FolderImages, ImageSource, NpzImages, open_images
 from .fid import (IS_SPLIT_SIZE, PR_NEIGHBOURS, feature_statistics, frechet_distance, inception_score,
@@ -245,12 +245,6 @@ def _read_cache(path: Path, key: str) -> Optional[dict]:
         return None
 
 
-def _atomic_savez(path: Path, **arrays: Any) -> None:
-    """``np.savez`` written atomically (temporary name, fsync, rename)."""
-    with atomic_open(path) as f:
-        np.savez(f, **arrays)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -364,7 +358,7 @@ def load_reference_stats(
                     "resolution": list(images.resolution), "network": network.network,
                     "weights_sha256": network.weights_sha256}
             try:
-                _atomic_savez(cfile, meta=np.array(json.dumps(meta, sort_keys=True)), **computed)
+                atomic_savez(cfile, meta=np.array(json.dumps(meta, sort_keys=True)), **computed)
                 out.cache_file = str(cfile)
             except OSError as exc:
                 warnings.warn(f"could not cache reference statistics at {cfile}: {exc}", stacklevel=2)
@@ -564,7 +558,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
             arrays = {k: v.cpu().numpy() for k, v in feats.items()}
             if ref is not None and ref.pool is not None:
                 arrays["ref_pool"] = ref.pool
-            _atomic_savez(Path(cfg.save_features), **arrays)
+            atomic_savez(Path(cfg.save_features), **arrays)
             result["features_file"] = str(cfg.save_features)
         result["file"] = str(out_path)
         _atomic_write_text(out_path, json.dumps(result, indent=1, allow_nan=False) + "\n")

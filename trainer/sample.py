@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from irepa.stores.manifest import atomic_savez
 from irepa.trainer.loss import interpolant
 
 __all__ = ["METHODS", "sample", "velocity_to_score", "guidance_active", "save_image_grid", "PreviewSampler",
@@ -384,7 +385,7 @@ def run_sampling(cfg: Any) -> Path:
             bar.close()
         order = mine
         part = out / f".part-{d.rank:05d}.npz"
-        _atomic_npz(part, arr_0=arr.astype(np.uint8), index=np.asarray(order, dtype=np.int64))
+        atomic_savez(part, arr_0=arr.astype(np.uint8), index=np.asarray(order, dtype=np.int64))
         distributed.barrier(d)
         final = out / "samples.npz"
         if d.main:
@@ -393,7 +394,7 @@ def run_sampling(cfg: Any) -> Path:
             allx = np.concatenate(chunks) if chunks else np.zeros((0, 0, 0, 3), np.uint8)
             alli = np.concatenate([p["index"] for p in parts])
             allx = allx[np.argsort(alli, kind="stable")]
-            _atomic_npz(final, arr_0=allx)
+            atomic_savez(final, arr_0=allx)
             for r in range(d.world_size):
                 (out / f".part-{r:05d}.npz").unlink()
             if cfg.grid and len(allx):
@@ -404,10 +405,3 @@ def run_sampling(cfg: Any) -> Path:
         return final
     finally:
         distributed.teardown(d)
-
-
-def _atomic_npz(path: Path, **arrays: Any) -> None:
-    from irepa.stores.manifest import atomic_open
-
-    with atomic_open(path) as f:
-        np.savez(f, **arrays)

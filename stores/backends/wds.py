@@ -23,8 +23,8 @@ grouper `members.group_members`.
 Checksums (format version 2): each sample has one more member, `<key>.crc32c.json`, holding the
 crc32c (8 hex digits) of every other member's bytes, e.g. `{"cls": "1c291ca3", ...}`. It travels
 inside the shard, so a `pipe:` or http stream needs no second file, and plain tar/webdataset
-readers just see one more small member (1 KiB per sample with its header). `check_sample` checks
-it before the reader hands out a sample (eager reads, `pipe:` streams, random access); lazy
+readers just see one more small member (1 KiB per sample with its header). `sample_sums` and
+`check_members` check it before the reader hands out a sample (eager reads, `pipe:` streams, random access); lazy
 members (`NpyRef`) carry their expected crc32c and check it when their payload is read, before
 the loader puts it in a batch. Format version 1 shards have no such member; only their tar
 header checksums are checked.
@@ -646,7 +646,7 @@ def iter_local(path: Path, lazy: bool = False) -> Iterator[tuple[str, dict[str, 
     whose size is the previous sample's span (a shard of same-sized samples: one read each).
     lazy: npy members are `NpyRef`s (headers read and checked, payloads not), other members
     bytes; a cold file is read through to the page cache as the pass goes (see `_Window`), so
-    the payload reads that follow hit the cache. Checksums are the reader's (`check_sample`).
+    the payload reads that follow hit the cache. Checksums are the reader's (`sample_sums` / `check_members`).
     """
     try:
         fd = os.open(path, os.O_RDONLY)

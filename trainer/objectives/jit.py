@@ -45,7 +45,7 @@ from irepa.trainer.objectives.base import DataSpec, Objective, Phase
 from irepa.trainer.objectives.options import JIT_SAMPLERS as SAMPLERS
 from irepa.trainer.objectives.options import JiTOptions
 
-__all__ = ["JiTOptions", "JiTObjective", "JiTStep", "jit_velocity", "heun_sample", "to_uint8", "pixels_to_unit"]
+__all__ = ["JiTOptions", "JiTObjective", "JiTStep", "heun_sample", "to_uint8", "pixels_to_unit"]
 
 
 
@@ -60,12 +60,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> uint8, as the official code writes its samples:
     ``round(clip((x + 1) / 2 * 255, 0, 255))`` (round half to even)."""
     return ((x.float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8)
-
-
-def jit_velocity(x_pred: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_eps: float) -> torch.Tensor:
-    """``(x_pred - z) / max(1 - t, t_eps)`` with ``t`` [B] broadcast over the image dims."""
-    tb = t.reshape(-1, *([1] * (z.dim() - 1))).to(z.dtype)
-    return (x_pred - z) / (1 - tb).clamp_min(t_eps)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
