@@ -107,7 +107,8 @@ class StoreReader:
         self.token_grids: dict[str, tuple[int, int]] = {n: tuple(e["token_grid"]) for n, e in enc.items()}
         self.token_grid: tuple[int, int] | None = self.token_grids[self.encoders[0]] if self.encoders else None
         self.feature_dtype: str | None = enc[self.encoders[0]]["feature_dtype"] if self.encoders else None
-        self.with_cls: bool = any(bool(e.get("cls")) for e in enc.values())
+        self._cls_encoders = frozenset(n for n, e in enc.items() if e.get("cls"))  # those with CLS tokens
+        self.with_cls: bool = bool(self._cls_encoders)
         self.num_shards: int = ns
         self._members = {n: e["member"] for n, e in enc.items()}
         state = self.backend.open_reader(self.path, m, listed, self._checks)
@@ -314,7 +315,7 @@ class StoreReader:
             if f.dtype == np.int8:
                 f = dequantize_int8(f, read(self._za, f"{pre}feature_scales/{enc}"))
             put(out["features"], enc, f)
-            if self.manifest["encoders"][enc].get("cls"):
+            if enc in self._cls_encoders:
                 put(out["cls"], enc, read(self._za, f"{pre}cls/{enc}"))
 
     def get_batch(self, indices: Sequence[int] | np.ndarray, flip: Sequence[bool] | np.ndarray | None = None,
@@ -362,7 +363,7 @@ class StoreReader:
         }
         if with_latents:
             out["latents"] = np.empty((b, *self.latent_shape), np.float32)
-        cls_encs = [e for e in encs if self.manifest["encoders"][e].get("cls")]
+        cls_encs = [e for e in encs if e in self._cls_encoders]
         if cls_encs:
             out["cls"] = {e: np.empty((b, self.feature_dims[e]), np.float32) for e in cls_encs}
         bad: dict[int, str] | None = None
@@ -508,7 +509,7 @@ class StoreReader:
     def _zarr_block(self, start: int, stop: int, lat_src: ZarrArrays | None,
                     features_dtype: Any = np.float32, with_latents: bool = True) -> list[dict]:
         """Samples of rows [start, stop): one read per array (a shard is read block by block)."""
-        m, za = self.manifest, self._za
+        za = self._za
         views = [("", "")] + ([("flip/", "_flip")] if self.has_flip else [])
         data: dict[str, np.ndarray] = {}
         skip = self._skip()
@@ -531,7 +532,7 @@ class StoreReader:
                 if f.dtype == np.int8:
                     f = dequantize_int8(f, read(za, f"{v}feature_scales/{e}"))
                 data[f"{v}features/{e}"] = f
-                if m["encoders"][e].get("cls"):
+                if e in self._cls_encoders:
                     data[f"{v}cls/{e}"] = read(za, f"{v}cls/{e}")
         labels = self._all_labels()[start:stop]
         keys = self._all_keys()[start:stop]
@@ -664,7 +665,7 @@ class StoreReader:
                     f = (wds_backend.Dequantized(f, sc) if isinstance(f, wds_backend.LazyArray)
                          else dequantize_int8(f, sc))
                 feats[e] = f.astype(features_dtype, copy=False)
-                if self.manifest["encoders"][e].get("cls"):
+                if e in self._cls_encoders:
                     cls[e] = npy(f"{pre}clstoken.{mem}.npy").astype(np.float32, copy=False)
             s[f"features{suf}"] = feats
             if cls:

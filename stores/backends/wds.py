@@ -628,10 +628,11 @@ def _npy_ref(win: _Window, ident: tuple[int, int], name: str, data: int, size: i
     try:
         head = bytes(win.get(data, min(size, 12), _LAZY_AHEAD))
         hlen = _npy_header_len(head, size)
-        shape, fortran, dtype, need = _npy_header(bytes(win.get(data, hlen, _LAZY_AHEAD)))
+        header = bytes(win.get(data, hlen, _LAZY_AHEAD))
+        shape, fortran, dtype, need = _npy_header(header)
         if size - hlen != need:
             raise ValueError(f"payload has {size - hlen} bytes, the header's {dtype} {shape} needs {need}")
-        head_crc = crc32c(bytes(win.get(data, hlen, _LAZY_AHEAD)))
+        head_crc = crc32c(header)
     except StoreError:
         raise
     except Exception as e:
