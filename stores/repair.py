@@ -146,18 +146,23 @@ def repair_store(path: str | os.PathLike) -> list[str]:
         return said  # nothing was built here yet
     lock = StoreLock.acquire(path)
     try:
+        damage: StoreError | None = None
         try:
             m = read_json(mp, f"store {path}")
+        except StoreError as e:
+            damage = e
+        else:
             fv = m.get("format_version") if isinstance(m, dict) else None
-            if isinstance(fv, int) and fv > max(READ_VERSIONS):
+            if isinstance(fv, int) and fv > max(READ_VERSIONS):  # a newer irepa's store: not ours to rewrite
                 raise StoreError(f"store {path}: manifest.json has format_version {fv}, newer than this irepa "
                                  f"reads ({' and '.join(map(str, READ_VERSIONS))}); not repairing it")
-            validate_manifest(m, path)
-        except StoreError as e:
-            if "newer than this irepa" in str(e):
-                raise
+            try:
+                validate_manifest(m, path)
+            except StoreError as e:
+                damage = e
+        if damage is not None:
             if mp.exists():
-                say(f"{mp} is damaged ({str(e).splitlines()[0]}); removing it: this build rebuilds it from the "
+                say(f"{mp} is damaged ({str(damage).splitlines()[0]}); removing it: this build rebuilds it from the "
                     "shard completion records")
                 mp.unlink()
             foreign = sorted(n for n in os.listdir(path) if not _allowed_entry(n) and (path / n).is_file())

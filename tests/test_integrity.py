@@ -463,6 +463,22 @@ def test_repair_rebuilds_a_broken_manifest_from_the_completion_records(tmp_path,
     assert _tree(root) == _tree(ref)
 
 
+def test_repair_leaves_a_newer_formats_manifest_alone(tmp_path):
+    """A manifest of a newer irepa (format_version beyond what this one reads) is not ours to
+    rebuild: --repair refuses, naming the version, and the store keeps every byte."""
+    from irepa.stores import repair_store
+
+    root = _store(tmp_path, "zarr")
+    mp = root / "manifest.json"
+    m = json.loads(mp.read_text())
+    m["format_version"] = 99
+    mp.write_text(json.dumps(m))
+    before = _tree(root)
+    with pytest.raises(StoreError, match="format_version 99, newer than this irepa reads"):
+        repair_store(root)
+    assert _tree(root) == before
+
+
 def test_recovery_refuses_records_of_a_different_build(tmp_path):
     from irepa.stores import repair_store
     from irepa.stores.testing import synthetic_build
